@@ -1,0 +1,189 @@
+"""The clipping engine for one optimizer: measure, threshold, clip, guard, record. Plain PyTorch, no Lightning.
+
+One call of :meth:`Clipper.step` is one optimizer step::
+
+    measure    per-tensor norms (foreach kernels), when the operator, the NaN/Inf guard or the record needs them
+    guard      NaN/Inf anywhere: skip the step (grads set to None), raise, or leave it to a GradScaler
+    threshold  the policy's limit for this step
+    clip       the operator scales the gradients in place
+    observe    the policy updates its state, masked so that a non-finite step never enters it
+    record     on recording steps only: per-tensor L2 norms before and after, as device tensors
+
+The only device-to-host read outside recording steps is the guard's one scalar (``nonfinite="skip"`` or
+``"raise"``), the same read a GradScaler pays to skip a step. With ``nonfinite="ignore"``, or when a GradScaler
+already checks, there is none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_clip.operators import ClipOperator, Measured, Threshold, tensor_norms
+from lightning_clip.params import Layout, ParamSet
+from lightning_clip.thresholds import ThresholdPolicy
+
+NonFinite = Literal["skip", "raise", "ignore"]
+NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "ignore")
+
+
+class NonFiniteGradientError(RuntimeError):
+    """Gradients held NaN/Inf and the clipper was told to raise (or skipped too many steps in a row)."""
+
+
+@dataclass
+class StepRecord:
+    """What one recorded step measured, as device tensors (read to the host in one transfer by the caller).
+
+    ``grad_norms`` / ``clipped_norms`` are the per-tensor L2 norms before / after clipping, in the order of
+    ``names``; ``clipped_steps`` / ``judged_steps`` count, since the previous record, the steps on which clipping
+    changed a gradient and the steps on which that was known."""
+
+    names: list[str]
+    grad_norms: Tensor
+    clipped_norms: Tensor
+    threshold: Threshold
+    clipped_steps: Tensor
+    judged_steps: int
+    nonfinite_steps: Tensor
+    skipped_steps: int
+
+
+class Clipper:
+    """Clips the gradients of one optimizer's parameters with a threshold policy and a clip operator.
+
+    ``nonfinite``: ``"skip"`` sets the gradients to None so the optimizer step changes nothing (counted; after
+    ``max_consecutive_skips`` skips in a row it raises), ``"raise"`` raises an error naming the tensors holding
+    NaN/Inf, ``"ignore"`` does not look. ``scaler_checks_nonfinite=True`` (fp16 with a GradScaler, which skips
+    such steps itself) replaces both by a device-side count, with no host read.
+    """
+
+    def __init__(
+        self,
+        policy: ThresholdPolicy,
+        operator: ClipOperator,
+        params: ParamSet,
+        nonfinite: NonFinite = "skip",
+        max_consecutive_skips: int = 20,
+        scaler_checks_nonfinite: bool = False,
+    ) -> None:
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
+        self.policy = policy
+        self.operator = operator
+        self.params = params
+        self.nonfinite = nonfinite
+        self.max_consecutive_skips = max_consecutive_skips
+        self.scaler_checks_nonfinite = scaler_checks_nonfinite
+        self.steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self._nonfinite_steps = torch.zeros(())
+        self._clipped_steps = torch.zeros(())
+        self._judged_steps = 0
+
+    @property
+    def reads_host(self) -> bool:
+        """Whether each step reads one scalar to the host to act on NaN/Inf gradients."""
+        return self.nonfinite != "ignore" and not self.scaler_checks_nonfinite
+
+    def step(self, record: bool = False) -> StepRecord | None:
+        """Clip the gradients in place; returns a :class:`StepRecord` when ``record`` is true, else None."""
+        layout = self.params.layout()
+        if layout is None:
+            return None
+        self.steps += 1
+        grads = layout.grads()
+        watch = self.reads_host or self.scaler_checks_nonfinite
+        measured = None
+        if self.operator.measures_always or watch or record:
+            measured = self.operator.measure(layout, grads)
+        finite = torch.isfinite(measured.total) if watch and measured is not None else None
+        if finite is not None:
+            self._count(finite, measured.total)
+        if self.reads_host:
+            if not bool(finite):  # the one host read of a non-recording step
+                return self._nonfinite_step(layout, grads, record)
+            self.consecutive_skips = 0
+
+        grad_norms = self._l2_norms(layout, grads, measured) if record else None
+        threshold = self.policy.threshold(measured)
+        applied = self.operator.apply(layout, grads, measured, threshold)
+        self.policy.observe(measured, applied, finite)
+        if applied.changed is not None:
+            self._clipped_steps = self._clipped_steps.to(measured.total.device if measured else "cpu")
+            self._clipped_steps += applied.changed
+            self._judged_steps += 1
+        if not record:
+            return None
+        if applied.scale is not None:
+            clipped_norms = grad_norms * applied.scale.to(grad_norms)
+        else:
+            clipped_norms = tensor_norms(layout, grads, 2.0)
+        return self._record(layout, grad_norms, clipped_norms, threshold)
+
+    def _count(self, finite: Tensor, like: Tensor) -> None:
+        self._nonfinite_steps = self._nonfinite_steps.to(like.device) + (~finite).to(like.dtype)
+
+    @staticmethod
+    def _l2_norms(layout: Layout, grads: list[Tensor], measured: Measured | None) -> Tensor:
+        if measured is not None and measured.norm_type == 2.0:
+            return measured.norms
+        return tensor_norms(layout, grads, 2.0)
+
+    def _record(self, layout: Layout, grad_norms: Tensor, clipped_norms: Tensor, threshold: Threshold) -> StepRecord:
+        record = StepRecord(
+            names=layout.names,
+            grad_norms=grad_norms,
+            clipped_norms=clipped_norms,
+            threshold=threshold,
+            clipped_steps=self._clipped_steps,
+            judged_steps=self._judged_steps,
+            nonfinite_steps=self._nonfinite_steps,
+            skipped_steps=self.skipped_steps,
+        )
+        self._clipped_steps = torch.zeros_like(self._clipped_steps)
+        self._judged_steps = 0
+        return record
+
+    def _nonfinite_step(self, layout: Layout, grads: list[Tensor], record: bool) -> StepRecord | None:
+        bad = [name for name, g in zip(layout.names, grads) if not bool(torch.isfinite(g).all())]
+        listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"non-finite gradients (NaN/Inf) at optimizer step {self.steps} in: {listed}. "
+                "Use nonfinite='skip' to skip such steps instead."
+            )
+        grad_norms = tensor_norms(layout, grads, 2.0) if record else None
+        for p in layout.params:
+            p.grad = None
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.consecutive_skips > self.max_consecutive_skips:
+            raise NonFiniteGradientError(
+                f"{self.consecutive_skips} optimizer steps in a row had non-finite gradients (NaN/Inf) and were "
+                f"skipped (max_consecutive_skips={self.max_consecutive_skips}); last in: {listed}. Training is "
+                "diverging or the data holds NaN/Inf: lower the learning rate or check the inputs."
+            )
+        if grad_norms is None:
+            return None
+        return self._record(layout, grad_norms, torch.zeros_like(grad_norms), self.policy.threshold(None))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "skipped_steps": self.skipped_steps,
+            "consecutive_skips": self.consecutive_skips,
+            "nonfinite_steps": self._nonfinite_steps.detach().cpu(),
+            "policy": self.policy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.skipped_steps = state["skipped_steps"]
+        self.consecutive_skips = state["consecutive_skips"]
+        self._nonfinite_steps = state["nonfinite_steps"].clone()
+        self.policy.load_state_dict(state["policy"])

@@ -1,0 +1,232 @@
+"""Clip operators: how gradients are measured and scaled, given a threshold.
+
+An operator is half of a clipping method; the other half is a threshold policy (``thresholds.py``). The operator
+measures what its decision needs (per-tensor norms and their global norm, or unit-wise norms) with foreach kernels,
+then scales the gradients in place. Every norm is computed in at least float32, so fp16/bf16 gradients do not
+overflow in the measurement itself.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_clip.params import Layout, matches_any
+
+Threshold = float | Tensor
+
+#: Added to a norm before dividing by it, as ``torch.nn.utils.clip_grad_norm_`` does.
+NORM_EPS = 1e-6
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _norm_dtype(t: Tensor) -> torch.dtype | None:
+    return torch.float32 if t.dtype in _LOW_PRECISION else None
+
+
+def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tensor:
+    """The ``norm_type``-norm of every tensor, in layout order, as one 1-D tensor: one foreach kernel per run."""
+    per_run = []
+    for _, run in layout.groups:
+        tensors = grads[run]
+        per_run.append(torch.stack(torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(tensors[0]))))
+    return _concat(per_run)
+
+
+def _concat(per_run: list[Tensor]) -> Tensor:
+    if len(per_run) == 1:
+        return per_run[0]
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in per_run) else torch.float32
+    device = per_run[0].device
+    return torch.cat([t.to(device=device, dtype=dtype) for t in per_run])
+
+
+def total_norm(norms: Tensor, norm_type: float) -> Tensor:
+    """The global norm from per-tensor norms: the norm of the vector of norms, for every p (1, 2, inf, ...)."""
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+@dataclass
+class Measured:
+    """What an operator measured before clipping: per-tensor norms (layout order) and their global norm."""
+
+    norms: Tensor
+    total: Tensor
+    norm_type: float
+    extra: Any = None
+
+
+@dataclass
+class Applied:
+    """What clipping did: whether it changed any gradient (``None`` when not known without a measurement), and the
+    factor each tensor was scaled by, when every element of a tensor was scaled alike (``None`` otherwise)."""
+
+    changed: Tensor | bool | None
+    scale: Tensor | None
+
+
+class ClipOperator:
+    """Measures gradients and scales them given a threshold. ``measures_always`` is False when clipping needs no
+    measurement (value clipping), so a step that neither logs nor checks for NaN/Inf reads each gradient once."""
+
+    norm_type: float = 2.0
+    measures_always = True
+
+    def measure(self, layout: Layout, grads: list[Tensor]) -> Measured:
+        norms = tensor_norms(layout, grads, self.norm_type)
+        return Measured(norms, total_norm(norms, self.norm_type), self.norm_type)
+
+    def apply(
+        self, layout: Layout, grads: list[Tensor], measured: Measured | None, threshold: Threshold
+    ) -> Applied:
+        raise NotImplementedError
+
+
+class NoClip(ClipOperator):
+    """Measures, never changes a gradient (method ``none``)."""
+
+    measures_always = False
+
+    def apply(self, layout, grads, measured, threshold) -> Applied:
+        return Applied(changed=False, scale=None)
+
+
+class GlobalNormClip(ClipOperator):
+    """Scales all gradients by ``min(1, threshold / (total_norm + 1e-6))`` (Pascanu et al. 2013, "On the
+    difficulty of training recurrent neural networks"), the computation of ``torch.nn.utils.clip_grad_norm_``."""
+
+    def __init__(self, norm_type: float = 2.0) -> None:
+        self.norm_type = norm_type
+
+    def apply(self, layout, grads, measured, threshold) -> Applied:
+        assert measured is not None
+        coef = torch.clamp(threshold / (measured.total + NORM_EPS), max=1.0)
+        for device, run in layout.groups:
+            torch._foreach_mul_(grads[run], coef.to(device))
+        return Applied(changed=coef < 1.0, scale=coef.expand(len(layout)))
+
+
+class TensorNormClip(ClipOperator):
+    """Scales each tensor by ``min(1, threshold / (its norm + 1e-6))``: Keras ``clipnorm`` semantics, each tensor
+    clipped on its own (as opposed to Keras ``global_clipnorm``). ``threshold`` may be one value or one per tensor."""
+
+    def __init__(self, norm_type: float = 2.0) -> None:
+        self.norm_type = norm_type
+
+    def apply(self, layout, grads, measured, threshold) -> Applied:
+        assert measured is not None
+        coefs = torch.clamp(threshold / (measured.norms + NORM_EPS), max=1.0)
+        for device, run in layout.groups:
+            torch._foreach_mul_(grads[run], coefs[run].to(device).unbind(0))
+        return Applied(changed=(coefs < 1.0).any(), scale=coefs)
+
+
+class ValueClip(ClipOperator):
+    """Clamps every element to ``[-threshold, threshold]``, as ``torch.nn.utils.clip_grad_value_``. Its measurement
+    (only taken when a step logs or checks for NaN/Inf) is the largest absolute value, the inf-norm."""
+
+    norm_type = math.inf
+    measures_always = False
+
+    def apply(self, layout, grads, measured, threshold) -> Applied:
+        limit = float(threshold)
+        for _, run in layout.groups:
+            torch._foreach_clamp_min_(grads[run], -limit)
+            torch._foreach_clamp_max_(grads[run], limit)
+        return Applied(changed=None if measured is None else measured.total > limit, scale=None)
+
+
+@dataclass
+class _UnitwiseRun:
+    """The static split of one device/dtype run for AGC: 1-D tensors (whole-vector norms), tensors of 2+ dims
+    (one norm per slice along dim 0, i.e. per output unit) and excluded tensors (measured, never clipped)."""
+
+    vectors: list[int]
+    matrices: list[int]
+    matrix_dims: list[tuple[int, ...]]
+    excluded: list[int]
+
+
+class UnitwiseClip(ClipOperator):
+    """Adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale Image Recognition Without
+    Normalization", section 4.1): each unit's gradient ``G_i`` (a row of a weight, an output channel of a conv
+    kernel, the whole of a 1-D tensor) is scaled by ``lambda * max(||W_i||, eps) / ||G_i||`` when
+    ``||G_i|| / max(||W_i||, eps) > lambda``, with ``lambda`` the clip factor (the threshold). Parameters matching
+    ``exclude`` (the paper excludes the final classifier) are left unclipped.
+
+    torch has no foreach reduction along a dimension, so unit-wise norms are one kernel per tensor of 2+ dims;
+    everything else (1-D norms, the ratio, clamping, the scaling) runs as foreach kernels.
+    """
+
+    def __init__(self, eps: float = 1e-3, exclude: tuple[str, ...] = ()) -> None:
+        self.eps = eps
+        self.exclude = tuple(exclude)
+
+    def _runs(self, layout: Layout) -> list[_UnitwiseRun]:
+        runs = layout.cache.get("unitwise")
+        if runs is None:
+            runs = []
+            for _, run in layout.groups:
+                split = _UnitwiseRun([], [], [], [])
+                for i in range(run.start, run.stop):
+                    p = layout.params[i]
+                    if matches_any(layout.names[i], self.exclude):
+                        split.excluded.append(i)
+                    elif p.ndim <= 1:
+                        split.vectors.append(i)
+                    else:
+                        split.matrices.append(i)
+                        split.matrix_dims.append(tuple(range(1, p.ndim)))
+                runs.append(split)
+            layout.cache["unitwise"] = runs
+        return runs
+
+    @staticmethod
+    def _unit_norms(tensors: list[Tensor], vectors: list[int], matrices: list[int], dims) -> list[Tensor]:
+        """Unit-wise L2 norms: 0-d for 1-D tensors, ``(rows, 1, ...)`` for the others (broadcastable to them)."""
+        norms = list(torch._foreach_norm([tensors[i] for i in vectors], 2)) if vectors else []
+        for i, d in zip(matrices, dims):
+            t = tensors[i]
+            norms.append(torch.linalg.vector_norm(t, 2, dim=d, keepdim=True, dtype=_norm_dtype(t)))
+        return norms
+
+    def measure(self, layout, grads) -> Measured:
+        per_tensor: list[Tensor] = [None] * len(layout)  # type: ignore[list-item]
+        unit_norms = []
+        for split in self._runs(layout):
+            norms = self._unit_norms(grads, split.vectors, split.matrices, split.matrix_dims)
+            unit_norms.append(norms)
+            if not norms and not split.excluded:
+                continue
+            whole = torch._foreach_norm(norms, 2) if norms else []
+            excluded = torch._foreach_norm([grads[i] for i in split.excluded], 2) if split.excluded else []
+            for i, n in zip(split.vectors + split.matrices + split.excluded, [*whole, *excluded]):
+                per_tensor[i] = n
+        first = per_tensor[0]
+        norms = torch.stack([n.to(device=first.device, dtype=torch.float32) for n in per_tensor])
+        return Measured(norms, total_norm(norms, 2.0), 2.0, extra=unit_norms)
+
+    def apply(self, layout, grads, measured, threshold) -> Applied:
+        assert measured is not None
+        params = [p.detach() for p in layout.params]
+        smallest_scales = []
+        for split, grad_norms in zip(self._runs(layout), measured.extra):
+            if not grad_norms:
+                continue
+            limits = self._unit_norms(params, split.vectors, split.matrices, split.matrix_dims)
+            torch._foreach_clamp_min_(limits, self.eps)
+            torch._foreach_mul_(limits, threshold)
+            scales = torch._foreach_div(limits, torch._foreach_clamp_min(grad_norms, NORM_EPS))
+            torch._foreach_clamp_max_(scales, 1.0)
+            torch._foreach_mul_([grads[i] for i in split.vectors + split.matrices], scales)
+            smallest_scales.extend(torch._foreach_norm(scales, -math.inf))
+        if not smallest_scales:
+            return Applied(changed=False, scale=None)
+        device = smallest_scales[0].device
+        changed = torch.stack([s.to(device) for s in smallest_scales]).min() < 1.0
+        return Applied(changed=changed, scale=None)

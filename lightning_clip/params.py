@@ -1,0 +1,112 @@
+"""Which gradients one optimizer step touches, named the way the user named them.
+
+The parameters come from the optimizer's param groups (never from walking the module), are grouped once into
+contiguous runs that share a device and dtype (so every foreach kernel gets one homogeneous list), and carry the
+user's module names with wrapper components (``torch.compile``'s ``_orig_mod``, FSDP, activation checkpointing)
+removed. Layouts are cached: the per-step work is one Python list of gradients, as in
+``torch.nn.utils.clip_grad_norm_``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+_WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module"})
+
+
+def clean_name(name: str) -> str:
+    """The user's name for a parameter: ``_orig_mod.encoder._fsdp_wrapped_module.weight`` -> ``encoder.weight``."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
+
+
+def owner_name(name: str) -> str:
+    """The name of the module that owns a parameter (``encoder.0.weight`` -> ``encoder.0``; top level -> ``""``)."""
+    return name.rpartition(".")[0]
+
+
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether a parameter name, or the name of the module owning it, matches one of the glob patterns."""
+    owner = owner_name(name)
+    return any(fnmatch.fnmatchcase(name, p) or (owner and fnmatch.fnmatchcase(owner, p)) for p in patterns)
+
+
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """The parameters of an optimizer in param-group order."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def name_params(params: Sequence[Tensor], module: torch.nn.Module | None) -> list[str]:
+    """Names for ``params`` from ``module.named_parameters()``; parameters the module does not own get
+    ``param_<i>`` so that every tensor still has a stable, unique name."""
+    by_id: dict[int, str] = {}
+    if module is not None:
+        for name, p in module.named_parameters(remove_duplicate=True):
+            by_id.setdefault(id(p), clean_name(name))
+    return [by_id.get(id(p), f"param_{i}") for i, p in enumerate(params)]
+
+
+@dataclass
+class Layout:
+    """The tensors of one optimizer that have gradients, ordered so that each (device, dtype) run is contiguous.
+
+    ``groups`` holds ``(device, slice)`` pairs over that order. ``cache`` is where clip operators keep what they
+    derive once from the static layout (views, exclusion masks).
+    """
+
+    names: list[str]
+    params: list[Tensor]
+    groups: list[tuple[torch.device, slice]]
+    cache: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, names: Sequence[str], params: Sequence[Tensor]) -> Layout:
+        runs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            grad = p.grad if p.grad is not None else p
+            runs.setdefault((grad.device, grad.dtype), []).append(i)
+        order = [i for indices in runs.values() for i in indices]
+        groups, start = [], 0
+        for (device, _), indices in runs.items():
+            groups.append((device, slice(start, start + len(indices))))
+            start += len(indices)
+        return cls([names[i] for i in order], [params[i] for i in order], groups)
+
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params]  # type: ignore[misc]
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+class ParamSet:
+    """The named parameters of one optimizer, and the cached layouts of those that hold gradients this step."""
+
+    def __init__(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        if len(names) != len(params):
+            raise ValueError(f"got {len(names)} names for {len(params)} parameters")
+        self.names = list(names)
+        self.params = list(params)
+        self._layouts: dict[tuple[int, ...], Layout] = {}
+
+    def layout(self) -> Layout | None:
+        """The layout of the parameters that hold a gradient now, or ``None`` when none does."""
+        missing = tuple(i for i, p in enumerate(self.params) if p.grad is None)
+        layout = self._layouts.get(missing)
+        if layout is None:
+            skipped = set(missing)
+            present = [i for i in range(len(self.params)) if i not in skipped]
+            if not present:
+                return None
+            layout = Layout.build([self.names[i] for i in present], [self.params[i] for i in present])
+            self._layouts[missing] = layout
+        return layout
+
+    def unmatched(self, patterns: Iterable[str]) -> list[str]:
+        """The patterns that match none of these parameters."""
+        return [p for p in patterns if not any(matches_any(name, [p]) for name in self.names)]

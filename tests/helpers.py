@@ -1,0 +1,78 @@
+"""Shared test helpers: parameter sets with gradients, and references computed another way."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_clip.operators import ClipOperator
+from lightning_clip.params import ParamSet
+from lightning_clip.thresholds import ThresholdPolicy
+
+SHAPES = [(7,), (5, 3), (4, 3, 3, 3), (1,), (6, 1), (2, 3, 5)]
+
+
+def make_params(shapes=SHAPES, seed=0, dtype=torch.float32, grad_scale=1.0, zero_params=(3,)):
+    """Parameters of several shapes (1-D, matrices, conv kernels, some zero-initialised) with random gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        data = torch.zeros(shape) if i in zero_params else torch.randn(shape, generator=gen)
+        p = torch.nn.Parameter(data.to(dtype))
+        p.grad = (torch.randn(shape, generator=gen) * grad_scale).to(dtype)
+        params.append(p)
+    return params
+
+
+def named(params, prefix="layer"):
+    return ParamSet([f"{prefix}{i}.weight" for i in range(len(params))], params)
+
+
+def clone_grads(params):
+    return [p.grad.detach().clone() for p in params]
+
+
+def apply(policy: ThresholdPolicy, operator: ClipOperator, params, names=None):
+    """Clip ``params``' gradients in place with one (policy, operator) pair."""
+    ps = ParamSet(names, params) if names else named(params)
+    layout = ps.layout()
+    grads = layout.grads()
+    measured = operator.measure(layout, grads)
+    operator.apply(layout, grads, measured, policy.threshold(measured))
+    return layout
+
+
+def unitwise_norm64(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def agc_reference(params, clip_factor, eps, excluded=()):
+    """The AGC formula of Brock et al. 2021 (eq. 3) in float64: G <- lambda * |W|*/|G| * G if |G|/|W|* > lambda."""
+    out = []
+    for i, p in enumerate(params):
+        g = p.grad.double()
+        if i in excluded:
+            out.append(g)
+            continue
+        w_norm = unitwise_norm64(p.detach()).clamp(min=eps)
+        g_norm = unitwise_norm64(g)
+        ratio = g_norm / w_norm
+        out.append(torch.where(ratio > clip_factor, g * clip_factor * w_norm / g_norm, g))
+    return out
+
+
+def timm_style_agc(params, clip_factor=0.01, eps=1e-3):
+    """The adaptive_clip_grad algorithm as timm writes it: a Python loop, one tensor at a time (the benchmark's
+    reference and a second reference in tests)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.detach()
+        dims = None if g.ndim <= 1 else tuple(range(1, g.ndim))
+        keep = g.ndim > 1
+        max_norm = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=keep).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=keep)
+        clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
+        p.grad.detach().copy_(torch.where(grad_norm < max_norm, g, clipped))

@@ -1,0 +1,150 @@
+import math
+
+import pytest
+import torch
+
+from helpers import agc_reference, apply, clone_grads, make_params, timm_style_agc
+from lightning_clip.operators import GlobalNormClip, NoClip, TensorNormClip, UnitwiseClip, ValueClip
+from lightning_clip.thresholds import FixedThreshold
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.0, math.inf])
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+def test_global_norm_matches_torch(norm_type, max_norm):
+    ours, theirs = make_params(seed=1), make_params(seed=1)
+    apply(FixedThreshold(max_norm), GlobalNormClip(norm_type), ours)
+    torch.nn.utils.clip_grad_norm_(theirs, max_norm, norm_type=norm_type, foreach=True)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+
+
+def test_global_norm_float64_formula():
+    params = make_params(seed=2, grad_scale=10.0)
+    expected = clone_grads(params)
+    total = torch.sqrt(sum((g.double() ** 2).sum() for g in expected))
+    coef = min(1.0, 0.3 / (total.item() + 1e-6))
+    apply(FixedThreshold(0.3), GlobalNormClip(2.0), params)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), g.double() * coef, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("clip_value", [0.1, 1.0, 100.0])
+def test_value_matches_torch(clip_value):
+    ours, theirs = make_params(seed=3), make_params(seed=3)
+    apply(FixedThreshold(clip_value), ValueClip(), ours)
+    torch.nn.utils.clip_grad_value_(theirs, clip_value, foreach=True)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
+        assert a.grad.abs().max() <= clip_value
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_tensor_norm_matches_clipping_each_tensor_alone(norm_type):
+    ours, theirs = make_params(seed=4, grad_scale=3.0), make_params(seed=4, grad_scale=3.0)
+    apply(FixedThreshold(1.5), TensorNormClip(norm_type), ours)
+    for p in theirs:
+        torch.nn.utils.clip_grad_norm_([p], 1.5, norm_type=norm_type)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        assert torch.linalg.vector_norm(a.grad, norm_type) <= 1.5 * (1 + 1e-5)
+
+
+def test_tensor_norm_leaves_small_tensors_alone():
+    params = make_params(seed=5, grad_scale=1e-3)
+    before = clone_grads(params)
+    apply(FixedThreshold(1.0), TensorNormClip(2.0), params)
+    for p, g in zip(params, before):
+        assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("clip_factor", [0.01, 0.1, 10.0])
+def test_agc_matches_paper_formula_in_float64(clip_factor):
+    params = make_params(seed=6)
+    expected = agc_reference(params, clip_factor, 1e-3)
+    apply(FixedThreshold(clip_factor), UnitwiseClip(eps=1e-3), params)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
+
+
+def test_agc_matches_timm_style_loop_and_clips_zero_initialised_params_to_eps():
+    ours, theirs = make_params(seed=7), make_params(seed=7)
+    apply(FixedThreshold(0.02), UnitwiseClip(eps=1e-3), ours)
+    timm_style_agc(theirs, clip_factor=0.02, eps=1e-3)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9)
+    # parameter 3 is zero-initialised: its gradient norm is capped at clip_factor * eps
+    assert ours[3].grad.norm() <= 0.02 * 1e-3 * (1 + 1e-5)
+
+
+def test_agc_units_are_output_rows_and_channels():
+    conv = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    conv.grad = torch.randn(4, 3, 3, 3) * 100
+    conv.grad[0] *= 1e-6  # a unit already under its limit stays as it is
+    small = conv.grad[0].clone()
+    apply(FixedThreshold(0.01), UnitwiseClip(), [conv])
+    unit_ratio = conv.grad.flatten(1).norm(dim=1) / conv.detach().flatten(1).norm(dim=1)
+    torch.testing.assert_close(unit_ratio[1:], torch.full((3,), 0.01), rtol=1e-5, atol=0)
+    assert torch.equal(conv.grad[0], small)
+
+
+def test_agc_exclude_by_module_and_parameter_name():
+    params = make_params(seed=8)
+    names = [f"body.{i}.weight" for i in range(len(params) - 2)] + ["head.weight", "head.bias"]
+    expected = agc_reference(params, 0.01, 1e-3, excluded={len(params) - 2, len(params) - 1})
+    apply(FixedThreshold(0.01), UnitwiseClip(exclude=("head",)), params, names=names)
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
+
+
+def test_agc_measures_per_tensor_l2_norms_exactly():
+    params = make_params(seed=9)
+    expected = torch.stack([p.grad.double().norm() for p in params])
+    layout = apply(FixedThreshold(0.01), UnitwiseClip(exclude=("layer0.*",)), make_params(seed=9))
+    measured = UnitwiseClip(exclude=("layer0.*",)).measure(layout, [p.grad for p in params])
+    torch.testing.assert_close(measured.norms.double(), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("operator", [GlobalNormClip(), TensorNormClip(), UnitwiseClip()])
+def test_bf16_gradients_clip_like_float64(operator):
+    params = make_params(seed=10, dtype=torch.bfloat16, grad_scale=50.0)
+    reference = make_params(seed=10, dtype=torch.bfloat16, grad_scale=50.0)
+    for p in reference:
+        p.data, p.grad = p.data.double(), p.grad.double()
+    apply(FixedThreshold(0.05), operator, params)
+    apply(FixedThreshold(0.05), operator, reference)
+    for a, b in zip(params, reference):
+        assert a.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=2e-2, atol=1e-6)
+
+
+def test_fp16_norm_does_not_overflow():
+    """A float16 tensor whose norm exceeds 65504 is measured in float32, not as inf."""
+    p = torch.nn.Parameter(torch.zeros(1_000_000, dtype=torch.float16))
+    p.grad = torch.full((1_000_000,), 100.0, dtype=torch.float16)
+    measured = GlobalNormClip().measure(*_layout_and_grads([p]))
+    assert math.isclose(measured.total.item(), 1e5, rel_tol=1e-3)
+
+
+def test_noclip_changes_nothing():
+    params = make_params(seed=11, grad_scale=1e3)
+    before = clone_grads(params)
+    apply(FixedThreshold(math.inf), NoClip(), params)
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, before))
+
+
+def test_mixed_dtypes_are_grouped_and_measured_in_one_vector():
+    params = make_params(seed=12)
+    params[1].data, params[1].grad = params[1].data.double(), params[1].grad.double()
+    params[2].data, params[2].grad = params[2].data.bfloat16(), params[2].grad.bfloat16()
+    reference = [p.grad.double().clone() for p in params]
+    total = torch.sqrt(sum((g**2).sum() for g in reference)).item()
+    apply(FixedThreshold(0.5), GlobalNormClip(), params)
+    for p, g in zip(params, reference):
+        torch.testing.assert_close(p.grad.double(), g * (0.5 / (total + 1e-6)), rtol=1e-2, atol=1e-6)
+
+
+def _layout_and_grads(params):
+    from helpers import named
+
+    layout = named(params).layout()
+    return layout, layout.grads()
