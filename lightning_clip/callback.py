@@ -121,9 +121,7 @@ class GradientClipping(Callback):
             self._clipper(trainer, pl_module, optimizer)
         patterns = self.params.get("exclude", ())
         if patterns:
-            unmatched = [
-                p for p in patterns if all(p in c.params.unmatched([p]) for c in self._clippers.values())
-            ]
+            unmatched = [p for p in patterns if all(p in c.params.unmatched([p]) for c in self._clippers.values())]
             if unmatched:
                 rank_zero_warn(
                     f"GradientClipping: exclude pattern(s) {unmatched} match no parameter of any optimizer; "
@@ -140,9 +138,7 @@ class GradientClipping(Callback):
         if record is not None:
             self._log(trainer, record, self._suffix(trainer, optimizer))
 
-    def _clipper(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> Clipper:
+    def _clipper(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> Clipper:
         clipper = self._clippers.get(id(optimizer))
         if clipper is None:
             params = optimizer_params(optimizer)

@@ -120,9 +120,7 @@ def resolve(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
     foreign = sorted(set(set_params) - set(table))
     if foreign:
         takes = ", ".join(table) if table else "no parameters"
-        raise ValueError(
-            f"method={method!r} does not take {', '.join(foreign)}; {method!r} takes: {takes}"
-        )
+        raise ValueError(f"method={method!r} does not take {', '.join(foreign)}; {method!r} takes: {takes}")
     resolved: dict[str, Any] = {}
     for name, spec in table.items():
         value = set_params.get(name, spec.default)

@@ -81,9 +81,7 @@ class ClipOperator:
         norms = tensor_norms(layout, grads, self.norm_type)
         return Measured(norms, total_norm(norms, self.norm_type), self.norm_type)
 
-    def apply(
-        self, layout: Layout, grads: list[Tensor], measured: Measured | None, threshold: Threshold
-    ) -> Applied:
+    def apply(self, layout: Layout, grads: list[Tensor], measured: Measured | None, threshold: Threshold) -> Applied:
         raise NotImplementedError
 
 

@@ -76,3 +76,58 @@ def timm_style_agc(params, clip_factor=0.01, eps=1e-3):
         grad_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=keep)
         clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
         p.grad.detach().copy_(torch.where(grad_norm < max_norm, g, clipped))
+
+
+class HostReads:
+    """Counts device-to-host reads: ``aten._local_scalar_dense`` (``.item()``, ``bool(t)``) seen by a
+    ``TorchDispatchMode``, plus ``Tensor.tolist`` / ``.cpu`` / ``.numpy``, which it does not see, patched."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    counter.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self._patched = {}
+        for name in ("tolist", "cpu", "numpy"):
+            original = getattr(torch.Tensor, name)
+            self._patched[name] = original
+
+            def wrapper(tensor, *args, _original=original, **kwargs):
+                counter.count += 1
+                with _paused(self._mode):
+                    return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, wrapper)
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+        for name, original in self._patched.items():
+            setattr(torch.Tensor, name, original)
+
+
+class _paused:
+    """Runs a patched read without the dispatch mode also counting the ``_local_scalar_dense`` it may issue."""
+
+    def __init__(self, mode):
+        self.mode = mode
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import _pop_mode_temporarily
+
+        self._ctx = _pop_mode_temporarily()
+        self._ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)

@@ -1,0 +1,204 @@
+import math
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+
+from helpers import timm_style_agc
+from lightning_clip import ClippingConfigError, GradientClipping, NonFiniteGradientError
+from models import GradProbe, TinyModule, TwoOptimizerModule, loader, trainer
+
+
+def reference_clip(method, params):
+    if method == "norm":
+        torch.nn.utils.clip_grad_norm_(params, 0.5)
+    elif method == "value":
+        torch.nn.utils.clip_grad_value_(params, 0.2)
+    elif method == "tensor_norm":
+        for p in params:
+            torch.nn.utils.clip_grad_norm_([p], 0.5)
+    elif method == "agc":
+        timm_style_agc([p for p in params if p is not params[-1] and p is not params[-2]], 0.01, 1e-3)
+
+
+METHOD_ARGS = {
+    "none": {},
+    "norm": {"max_norm": 0.5},
+    "value": {"clip_value": 0.2},
+    "tensor_norm": {"max_norm": 0.5},
+    "agc": {"clip_factor": 0.01, "exclude": ["head"]},
+}
+
+
+def manual_run(method, accumulate=1):
+    """The same model and data trained by a plain PyTorch loop that clips with the reference functions."""
+    model = TinyModule()
+    optimizer = model.configure_optimizers()
+    batches = list(loader())
+    for i in range(0, len(batches), accumulate):
+        for x, y in batches[i : i + accumulate]:
+            (torch.nn.functional.mse_loss(model(x), y) / accumulate).backward()
+        reference_clip(method, list(model.parameters()))
+        optimizer.step()
+        optimizer.zero_grad()
+    return model
+
+
+@pytest.mark.parametrize("method", list(METHOD_ARGS))
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_trainer_run_matches_plain_loop_with_reference_clipping(method, accumulate):
+    model = TinyModule()
+    clipping = GradientClipping(method, **METHOD_ARGS[method])
+    trainer(callbacks=[clipping], accumulate_grad_batches=accumulate).fit(model, loader())
+    reference = manual_run(method, accumulate)
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    assert clipping._clippers[next(iter(clipping._clippers))].steps == 4 // accumulate
+
+
+def test_callback_after_ours_sees_clipped_gradients():
+    probe = GradProbe()
+    trainer(callbacks=[GradientClipping("norm", max_norm=0.25), probe]).fit(TinyModule(), loader())
+    assert len(probe.norms) == 4 and max(probe.norms) <= 0.25 * (1 + 1e-5)
+
+
+def test_bf16_mixed_clips():
+    probe = GradProbe()
+    run = trainer(callbacks=[GradientClipping("value", clip_value=0.01), probe], precision="bf16-mixed")
+    run.fit(TinyModule(), loader())
+    assert max(probe.max_abs) <= 0.01
+
+
+def test_fp16_with_real_grad_scaler_sees_unscaled_gradients_and_defers_overflow():
+    clipping = GradientClipping("norm", max_norm=0.25, log_every_n_steps=1)
+    probe = GradProbe()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)  # the first steps overflow in fp16
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    run = trainer(callbacks=[clipping, probe], plugins=[plugin], max_epochs=3)
+    run.fit(TinyModule(), loader())
+    overflowed = [not math.isfinite(n) for n in probe.norms]
+    assert any(overflowed) and not all(overflowed)
+    assert all(n <= 0.25 * (1 + 1e-3) for n in probe.norms if math.isfinite(n))
+    assert clipping.last_metrics["clip/nonfinite_steps"] == sum(overflowed)
+    assert clipping.last_metrics["clip/skipped_steps"] == 0  # the scaler skipped them, not us
+
+
+def test_fused_optimizer_under_fp16_is_refused():
+    class Fused(TinyModule):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), fused=True)
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    with pytest.raises(ClippingConfigError, match="fused=True"):
+        trainer(callbacks=[GradientClipping("norm")], plugins=[plugin]).fit(Fused(), loader())
+
+
+def test_gradient_clip_val_is_refused_before_training():
+    with pytest.raises(ClippingConfigError, match=r"gradient_clip_val=1.0.*double clipping"):
+        trainer(callbacks=[GradientClipping("norm")], gradient_clip_val=1.0).fit(TinyModule(), loader())
+
+
+def test_unmatched_exclude_pattern_warns():
+    with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['classifier'\] match no parameter"):
+        trainer(callbacks=[GradientClipping("agc", exclude=["head", "classifier"])]).fit(TinyModule(), loader())
+
+
+def test_skip_leaves_parameters_and_optimizer_state_untouched():
+    snapshots = {}
+
+    class Snapshot(GradProbe):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            snapshots[batch_idx] = (
+                [p.detach().clone() for p in pl_module.parameters()],
+                {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()},
+            )
+
+    model = TinyModule(optimizer="adam", nan_at_step=2)
+    clipping = GradientClipping("norm", max_norm=1.0)
+    trainer(callbacks=[clipping, Snapshot()], max_epochs=1).fit(model, loader())
+    params_before, state_before = snapshots[2]
+    params_after, state_after = snapshots[3]
+    for a, b in zip(params_before, params_after):
+        assert torch.equal(a, b)
+    assert state_before.keys() == state_after.keys()
+    for key in state_before:
+        for name in state_before[key]:
+            assert torch.equal(state_before[key][name], state_after[key][name])
+    assert not torch.equal(snapshots[1][0][0], snapshots[2][0][0])  # other steps do train
+    clipper = next(iter(clipping._clippers.values()))
+    assert clipper.skipped_steps == 1
+
+
+def test_raise_names_the_layer():
+    with pytest.raises(NonFiniteGradientError, match=r"optimizer step 2 in: body.2.weight"):
+        trainer(callbacks=[GradientClipping("norm", nonfinite="raise")]).fit(TinyModule(nan_at_step=1), loader())
+
+
+def test_two_optimizers_in_manual_optimization_each_clip_their_own():
+    clipping = GradientClipping("norm", max_norm=0.1, log_every_n_steps=1)
+    probe = GradProbe()
+    model = TwoOptimizerModule()
+    trainer(callbacks=[clipping, probe]).fit(model, loader())
+    assert len(probe.norms) == 8 and max(probe.norms) <= 0.1 * (1 + 1e-5)
+    clippers = list(clipping._clippers.values())
+    expected = [["generator.weight", "generator.bias"], ["critic.weight", "critic.bias"]]
+    assert [c.params.names for c in clippers] == expected
+    assert {"grad/norm_opt0", "grad/norm_opt1", "clip/rate_opt0"} <= set(clipping.last_metrics)
+
+
+def test_csv_logger_gets_the_scalars(tmp_path):
+    logger = CSVLogger(tmp_path, name="run")
+    run = trainer(callbacks=[GradientClipping("norm", max_norm=0.5)], logger=logger, log_every_n_steps=2)
+    run.fit(TinyModule(), loader())
+    import csv
+
+    rows = list(csv.DictReader(open(f"{logger.log_dir}/metrics.csv")))
+    rows = [r for r in rows if r.get("grad/norm")]
+    assert [int(r["step"]) for r in rows] == [1, 3]
+    for row in rows:
+        assert float(row["grad/norm_clipped"]) == pytest.approx(min(float(row["grad/norm"]), 0.5), rel=1e-5)
+        assert float(row["clip/threshold"]) == 0.5
+        assert float(row["clip/rate"]) in (0.0, 0.5, 1.0)
+
+
+def test_checkpoint_round_trip_restores_counters(tmp_path):
+    clipping = GradientClipping("norm", max_norm=1.0)
+    run = trainer(callbacks=[clipping], enable_checkpointing=True, default_root_dir=tmp_path)
+    run.fit(TinyModule(nan_at_step=1), loader())
+    checkpoint = run.checkpoint_callback.best_model_path
+    resumed = GradientClipping("norm", max_norm=1.0)
+    trainer(callbacks=[resumed], max_epochs=2).fit(TinyModule(), loader(), ckpt_path=checkpoint)
+    clipper = next(iter(resumed._clippers.values()))
+    assert (clipper.steps, clipper.skipped_steps) == (8, 1)
+
+
+def test_state_from_another_method_is_refused():
+    with pytest.raises(ClippingConfigError, match="cannot restore state saved by method='agc'"):
+        GradientClipping("norm").load_state_dict({"method": "agc", "optimizers": {}})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "agc", "max_norm": 1.0}, "method='agc' does not take max_norm; 'agc' takes: clip_factor"),
+        ({"method": "nope"}, "not a clipping method"),
+        ({"method": "norm", "max_norm": -1}, "max_norm=-1 is invalid"),
+        ({"method": "norm", "nonfinite": "drop"}, "nonfinite='drop' is invalid: expected one of skip, raise, ignore"),
+        ({"method": "norm", "max_consecutive_skips": 0}, "max_consecutive_skips=0 is invalid"),
+        ({"method": "norm", "log_every_n_steps": 0}, "log_every_n_steps=0 is invalid"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ClippingConfigError, match="GradientClipping: ") as error:
+        GradientClipping(**kwargs)
+    assert message in str(error.value)
+
+
+def test_no_warning_noise_in_plain_run():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[GradientClipping("agc")]).fit(TinyModule(), loader())
+    assert not [w for w in caught if "lightning_clip" in str(w.filename) or "GradientClipping" in str(w.message)]

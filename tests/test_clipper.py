@@ -1,0 +1,144 @@
+import math
+
+import pytest
+import torch
+
+from helpers import HostReads, clone_grads, make_params, named
+from lightning_clip import methods
+from lightning_clip.clipper import Clipper, NonFiniteGradientError
+
+ALL_METHODS = [
+    ("none", {}),
+    ("norm", {"max_norm": 0.5}),
+    ("value", {"clip_value": 0.1}),
+    ("tensor_norm", {"max_norm": 0.5}),
+    ("agc", {"clip_factor": 0.01}),
+]
+
+
+def clipper_for(method, params, nonfinite="skip", **kwargs):
+    policy, operator = methods.build(method, methods.resolve(method, kwargs))
+    return Clipper(policy, operator, named(params), nonfinite=nonfinite, max_consecutive_skips=3)
+
+
+@pytest.mark.parametrize(("method", "kwargs"), ALL_METHODS)
+@pytest.mark.parametrize(("nonfinite", "reads"), [("ignore", 0), ("skip", 1), ("raise", 1)])
+def test_host_reads_per_non_recording_step(method, kwargs, nonfinite, reads):
+    params = make_params(seed=1, grad_scale=5.0)
+    clipper = clipper_for(method, params, nonfinite, **kwargs)
+    clipper.step()  # first step builds the cached layout
+    with HostReads() as counter:
+        for _ in range(3):
+            clipper.step()
+    assert counter.count == 3 * reads
+
+
+def test_scaler_deferral_reads_nothing_and_counts_on_device():
+    params = make_params(seed=2)
+    policy, operator = methods.build("norm", methods.resolve("norm", {}))
+    clipper = Clipper(policy, operator, named(params), nonfinite="skip", scaler_checks_nonfinite=True)
+    params[0].grad[0] = math.inf
+    with HostReads() as counter:
+        clipper.step()
+    assert counter.count == 0
+    assert params[0].grad is not None  # the scaler, not the clipper, skips this step
+    assert clipper._nonfinite_steps.item() == 1
+
+
+@pytest.mark.parametrize(("method", "kwargs"), ALL_METHODS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_skip_drops_all_grads_and_counts(method, kwargs, bad):
+    params = make_params(seed=3)
+    clipper = clipper_for(method, params, **kwargs)
+    params[2].grad.view(-1)[5] = bad
+    assert clipper.step() is None
+    assert all(p.grad is None for p in params)
+    assert clipper.skipped_steps == 1 and clipper.consecutive_skips == 1
+
+
+def test_raise_names_the_tensors():
+    params = make_params(seed=4)
+    clipper = clipper_for("norm", params, "raise")
+    params[1].grad[0, 0] = math.nan
+    params[4].grad[0, 0] = math.inf
+    before = clone_grads(params)
+    with pytest.raises(NonFiniteGradientError, match=r"in: layer1.weight, layer4.weight"):
+        clipper.step()
+    for p, g in zip(params, before):  # nothing was changed
+        torch.testing.assert_close(p.grad, g, equal_nan=True)
+
+
+def test_consecutive_skips_raise_after_limit_and_reset_on_finite_step():
+    params = make_params(seed=5)
+    clipper = clipper_for("norm", params)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.full_like(p, math.nan)
+        clipper.step()
+    for p in params:
+        p.grad = torch.ones_like(p)
+    clipper.step()
+    assert clipper.consecutive_skips == 0 and clipper.skipped_steps == 3
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.full_like(p, math.nan)
+        clipper.step()
+    for p in params:
+        p.grad = torch.full_like(p, math.nan)
+    with pytest.raises(NonFiniteGradientError, match="4 optimizer steps in a row"):
+        clipper.step()
+
+
+def test_ignore_lets_nan_through_like_torch():
+    params = make_params(seed=6)
+    clipper = clipper_for("norm", params, "ignore")
+    params[0].grad[0] = math.nan
+    clipper.step()
+    assert all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize(("method", "kwargs"), ALL_METHODS)
+def test_record_holds_norms_before_and_after(method, kwargs):
+    params = make_params(seed=7, grad_scale=5.0)
+    before = torch.stack([p.grad.norm() for p in params])
+    clipper = clipper_for(method, params, **kwargs)
+    record = clipper.step(record=True)
+    after = torch.stack([p.grad.norm() for p in params])
+    torch.testing.assert_close(record.grad_norms, before, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(record.clipped_norms, after, rtol=1e-5, atol=1e-7)
+    assert record.names == [f"layer{i}.weight" for i in range(len(params))]
+    assert record.judged_steps == 1
+    assert record.clipped_steps.item() == (0 if method == "none" else 1)
+
+
+def test_clip_rate_counts_since_last_record():
+    params = make_params(seed=8)
+    clipper = clipper_for("norm", params, max_norm=1.0)
+    for scale in (100.0, 1e-3, 100.0):
+        for p in params:
+            p.grad = torch.ones_like(p) * scale
+        clipper.step()
+    for p in params:
+        p.grad = torch.ones_like(p) * 1e-3
+    record = clipper.step(record=True)
+    assert (record.clipped_steps.item(), record.judged_steps) == (2, 4)
+    assert clipper.step(record=True).judged_steps == 1
+
+
+def test_no_grads_is_a_no_op():
+    params = make_params(seed=9)
+    for p in params:
+        p.grad = None
+    clipper = clipper_for("agc", params)
+    assert clipper.step(record=True) is None
+    assert clipper.steps == 0
+
+
+def test_state_dict_round_trip():
+    params = make_params(seed=10)
+    clipper = clipper_for("norm", params)
+    params[0].grad[0] = math.nan
+    clipper.step()
+    restored = clipper_for("norm", make_params(seed=10))
+    restored.load_state_dict(clipper.state_dict())
+    assert (restored.steps, restored.skipped_steps, restored._nonfinite_steps.item()) == (1, 1, 1)

@@ -1,0 +1,43 @@
+import torch
+
+from lightning_clip.params import ParamSet, clean_name, matches_any, name_params, optimizer_params
+
+
+def test_clean_name_drops_wrapper_components():
+    assert clean_name("_orig_mod.encoder.0.weight") == "encoder.0.weight"
+    assert clean_name("_fsdp_wrapped_module.layers.1._checkpoint_wrapped_module.w") == "layers.1.w"
+    assert clean_name("module.weight") == "module.weight"  # a user's own module called "module" stays
+
+
+def test_patterns_match_parameter_or_owning_module():
+    assert matches_any("head.weight", ["head"])
+    assert matches_any("head.bias", ["head.*"])
+    assert matches_any("blocks.3.norm.weight", ["*.norm"])
+    assert not matches_any("header.weight", ["head"])
+
+
+def test_names_follow_compile_and_optimizer_order():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    compiled = torch.compile(model)
+    optimizer = torch.optim.SGD([{"params": [model[1].weight]}, {"params": [model[0].bias]}], lr=0.1)
+    params = optimizer_params(optimizer)
+    assert name_params(params, compiled) == ["1.weight", "0.bias"]
+    assert name_params([torch.nn.Parameter(torch.zeros(1))], model) == ["param_0"]
+
+
+def test_layout_skips_params_without_grad_and_groups_dtypes():
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    c.data = c.data.double()
+    a.grad, c.grad = torch.ones(2), torch.ones(2, dtype=torch.float64)
+    params = ParamSet(["a", "b", "c"], [a, b, c])
+    layout = params.layout()
+    assert layout.names == ["a", "c"]
+    assert [run for _, run in layout.groups] == [slice(0, 1), slice(1, 2)]
+    assert params.layout() is layout  # cached
+    a.grad = c.grad = None
+    assert params.layout() is None
+
+
+def test_unmatched_patterns():
+    params = ParamSet(["body.weight", "head.weight"], [torch.zeros(1), torch.zeros(1)])
+    assert params.unmatched(["head", "tail.*"]) == ["tail.*"]
