@@ -30,12 +30,24 @@ def _norm_dtype(t: Tensor) -> torch.dtype | None:
 
 
 def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tensor:
-    """The ``norm_type``-norm of every tensor, in layout order, as one 1-D tensor: one foreach kernel per run."""
+    """The ``norm_type``-norm of every tensor, in layout order, as one 1-D tensor: one foreach kernel per run.
+
+    The inf-norm (largest absolute value) is taken with ``aminmax``, one pass per tensor: on CPU it runs several
+    times faster than ``_foreach_norm(ord=inf)``, and NaN propagates through it the same way."""
     per_run = []
     for _, run in layout.groups:
         tensors = grads[run]
-        per_run.append(torch.stack(torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(tensors[0]))))
+        if norm_type == math.inf:
+            per_run.append(_max_abs(tensors).to(_norm_dtype(tensors[0]) or tensors[0].dtype))
+        else:
+            per_run.append(torch.stack(torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(tensors[0]))))
     return _concat(per_run)
+
+
+def _max_abs(tensors: list[Tensor]) -> Tensor:
+    zero = tensors[0].new_zeros(())
+    extremes = [torch.aminmax(t) if t.numel() else (zero, zero) for t in tensors]
+    return torch.maximum(torch.stack([high for _, high in extremes]), -torch.stack([low for low, _ in extremes]))
 
 
 def _concat(per_run: list[Tensor]) -> Tensor:

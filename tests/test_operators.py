@@ -148,3 +148,14 @@ def _layout_and_grads(params):
 
     layout = named(params).layout()
     return layout, layout.grads()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_empty_tensors_measure_zero(norm_type):
+    shapes = [(0,), (3, 2), (0, 4)]
+    params = make_params(shapes=shapes, zero_params=(), grad_scale=10.0)
+    grad = params[1].grad.double().clone()
+    apply(FixedThreshold(0.1), GlobalNormClip(norm_type), params)
+    expected = grad * 0.1 / (torch.linalg.vector_norm(grad, norm_type) + 1e-6)
+    torch.testing.assert_close(params[1].grad.double(), expected, rtol=1e-6, atol=0)
+    assert params[0].grad.numel() == 0
