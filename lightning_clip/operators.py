@@ -152,14 +152,25 @@ class ValueClip(ClipOperator):
 
 
 @dataclass
+class _UnitGroup:
+    """Tensors of one run that share a rank: their positions in the run and how many units each has. Their unit
+    norms are concatenated into one column, so the arithmetic on them is a handful of kernels, not a few per tensor."""
+
+    positions: list[int]
+    units: list[int]
+    dims: tuple[int, ...]
+    owner: Tensor  # for each unit (row of the column), the index of its tensor within the group
+
+
+@dataclass
 class _UnitwiseRun:
-    """The static split of one device/dtype run for AGC: 1-D tensors (whole-vector norms), tensors of 2+ dims
-    (one norm per slice along dim 0, i.e. per output unit) and excluded tensors (measured, never clipped)."""
+    """The static split of one device/dtype run for AGC: 1-D tensors (one unit each, ``vectors``), tensors of 2+
+    dims grouped by rank, and excluded tensors (measured, never clipped)."""
 
     vectors: list[int]
-    matrices: list[int]
-    matrix_dims: list[tuple[int, ...]]
+    groups: list[_UnitGroup]
     excluded: list[int]
+    order: Tensor  # run position of each norm in [vectors, groups..., excluded] order
 
 
 class UnitwiseClip(ClipOperator):
@@ -169,8 +180,8 @@ class UnitwiseClip(ClipOperator):
     ``||G_i|| / max(||W_i||, eps) > lambda``, with ``lambda`` the clip factor (the threshold). Parameters matching
     ``exclude`` (the paper excludes the final classifier) are left unclipped.
 
-    torch has no foreach reduction along a dimension, so unit-wise norms are one kernel per tensor of 2+ dims;
-    everything else (1-D norms, the ratio, clamping, the scaling) runs as foreach kernels.
+    torch has no foreach reduction along a dimension, so unit-wise norms take one kernel per tensor of 2+ dims;
+    they are then concatenated so that the ratio, the clamping and the scaling are a few kernels per run.
     """
 
     def __init__(self, eps: float = 1e-3, exclude: tuple[str, ...] = ()) -> None:
@@ -180,63 +191,82 @@ class UnitwiseClip(ClipOperator):
     def _runs(self, layout: Layout) -> list[_UnitwiseRun]:
         runs = layout.cache.get("unitwise")
         if runs is None:
-            runs = []
-            for _, run in layout.groups:
-                split = _UnitwiseRun([], [], [], [])
-                for i in range(run.start, run.stop):
-                    p = layout.params[i]
-                    if matches_any(layout.names[i], self.exclude):
-                        split.excluded.append(i)
-                    elif p.ndim <= 1:
-                        split.vectors.append(i)
-                    else:
-                        split.matrices.append(i)
-                        split.matrix_dims.append(tuple(range(1, p.ndim)))
-                runs.append(split)
+            runs = [self._split(layout, device, run) for device, run in layout.groups]
             layout.cache["unitwise"] = runs
         return runs
 
+    def _split(self, layout: Layout, device: torch.device, run: slice) -> _UnitwiseRun:
+        vectors, excluded, by_rank = [], [], {}
+        for position, i in enumerate(range(run.start, run.stop)):
+            p = layout.params[i]
+            if matches_any(layout.names[i], self.exclude):
+                excluded.append(position)
+            elif p.ndim <= 1:
+                vectors.append(position)
+            else:
+                by_rank.setdefault(p.ndim, []).append(position)
+        groups = []
+        for rank, positions in by_rank.items():
+            units = [layout.params[run.start + k].shape[0] for k in positions]
+            owner = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor(units)).to(device)
+            groups.append(_UnitGroup(positions, units, tuple(range(1, rank)), owner))
+        order = vectors + [k for g in groups for k in g.positions] + excluded
+        return _UnitwiseRun(vectors, groups, excluded, torch.tensor(order, device=device))
+
     @staticmethod
-    def _unit_norms(tensors: list[Tensor], vectors: list[int], matrices: list[int], dims) -> list[Tensor]:
-        """Unit-wise L2 norms: 0-d for 1-D tensors, ``(rows, 1, ...)`` for the others (broadcastable to them)."""
-        norms = list(torch._foreach_norm([tensors[i] for i in vectors], 2)) if vectors else []
-        for i, d in zip(matrices, dims):
-            t = tensors[i]
-            norms.append(torch.linalg.vector_norm(t, 2, dim=d, keepdim=True, dtype=_norm_dtype(t)))
-        return norms
+    def _unit_norms(tensors: list[Tensor], split: _UnitwiseRun) -> list[Tensor]:
+        """Unit norms of a run: a vector (one per 1-D tensor), then one ``(units, 1, ...)`` column per rank group."""
+        columns = []
+        if split.vectors:
+            vectors = [tensors[k] for k in split.vectors]
+            columns.append(torch.stack(torch._foreach_norm(vectors, 2, dtype=_norm_dtype(vectors[0]))))
+        for group in split.groups:
+            norms = [
+                torch.linalg.vector_norm(tensors[k], 2, dim=group.dims, keepdim=True, dtype=_norm_dtype(tensors[k]))
+                for k in group.positions
+            ]
+            columns.append(torch.cat(norms))
+        return columns
 
     def measure(self, layout, grads) -> Measured:
-        per_tensor: list[Tensor] = [None] * len(layout)  # type: ignore[list-item]
-        unit_norms = []
-        for split in self._runs(layout):
-            norms = self._unit_norms(grads, split.vectors, split.matrices, split.matrix_dims)
-            unit_norms.append(norms)
-            if not norms and not split.excluded:
-                continue
-            whole = torch._foreach_norm(norms, 2) if norms else []
-            excluded = torch._foreach_norm([grads[i] for i in split.excluded], 2) if split.excluded else []
-            for i, n in zip(split.vectors + split.matrices + split.excluded, [*whole, *excluded]):
-                per_tensor[i] = n
-        first = per_tensor[0]
-        norms = torch.stack([n.to(device=first.device, dtype=torch.float32) for n in per_tensor])
+        per_run, unit_norms = [], []
+        for (_, run), split in zip(layout.groups, self._runs(layout)):
+            run_grads = grads[run]
+            columns = self._unit_norms(run_grads, split)
+            unit_norms.append(columns)
+            parts = columns[:1] if split.vectors else []
+            for group, column in zip(split.groups, columns[len(parts) :]):
+                squares = column.reshape(-1).square()
+                sums = squares.new_zeros(len(group.positions)).index_add_(0, group.owner, squares)
+                parts.append(sums.sqrt())
+            if split.excluded:
+                excluded = [run_grads[k] for k in split.excluded]
+                parts.append(torch.stack(torch._foreach_norm(excluded, 2, dtype=_norm_dtype(excluded[0]))))
+            ordered = torch.cat(parts)
+            norms = torch.empty_like(ordered)
+            norms[split.order] = ordered
+            per_run.append(norms)
+        norms = _concat(per_run)
         return Measured(norms, total_norm(norms, 2.0), 2.0, extra=unit_norms)
 
     def apply(self, layout, grads, measured, threshold) -> Applied:
         assert measured is not None
-        params = [p.detach() for p in layout.params]
-        smallest_scales = []
-        for split, grad_norms in zip(self._runs(layout), measured.extra):
-            if not grad_norms:
+        smallest = []
+        for (_, run), split, grad_columns in zip(layout.groups, self._runs(layout), measured.extra):
+            if not grad_columns:
                 continue
-            limits = self._unit_norms(params, split.vectors, split.matrices, split.matrix_dims)
-            torch._foreach_clamp_min_(limits, self.eps)
-            torch._foreach_mul_(limits, threshold)
-            scales = torch._foreach_div(limits, torch._foreach_clamp_min(grad_norms, NORM_EPS))
-            torch._foreach_clamp_max_(scales, 1.0)
-            torch._foreach_mul_([grads[i] for i in split.vectors + split.matrices], scales)
-            smallest_scales.extend(torch._foreach_norm(scales, -math.inf))
-        if not smallest_scales:
+            run_grads, run_params = grads[run], [p.detach() for p in layout.params[run]]
+            param_columns = self._unit_norms(run_params, split)
+            targets = ([[run_grads[k] for k in split.vectors]] if split.vectors else []) + [
+                [run_grads[k] for k in group.positions] for group in split.groups
+            ]
+            pieces = ([None] if split.vectors else []) + [group.units for group in split.groups]
+            for grad_norms, param_norms, tensors, units in zip(grad_columns, param_columns, targets, pieces):
+                limits = param_norms.clamp_min_(self.eps).mul_(threshold)
+                scales = limits.div_(grad_norms.clamp_min(NORM_EPS)).clamp_max_(1.0)
+                torch._foreach_mul_(tensors, scales.unbind(0) if units is None else scales.split(units))
+                smallest.append(scales.min())
+        if not smallest:
             return Applied(changed=False, scale=None)
-        device = smallest_scales[0].device
-        changed = torch.stack([s.to(device) for s in smallest_scales]).min() < 1.0
-        return Applied(changed=changed, scale=None)
+        device = smallest[0].device
+        return Applied(changed=torch.stack([s.to(device) for s in smallest]).min() < 1.0, scale=None)

@@ -1,0 +1,1 @@
+"""Small tasks for the demo and tests: models and data generated on the fly, nothing downloaded."""

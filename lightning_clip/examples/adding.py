@@ -1,0 +1,81 @@
+"""The adding problem of Hochreiter & Schmidhuber (1997), as used by Pascanu et al. 2013 ("On the difficulty of
+training recurrent neural networks", section 5.1) to show exploding gradients in a tanh RNN.
+
+Each sequence has two channels: random values in [0, 1), and a marker that is 1 at two positions (one in the first
+half, one in the second) and 0 elsewhere. The target is the sum of the two marked values. Predicting the mean (1.0)
+gives a mean squared error of about 1/6; a model that solves the task gets far below that.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def adding_problem(samples: int, length: int, seed: int = 0) -> TensorDataset:
+    """``samples`` sequences of shape ``(length, 2)`` and their targets, generated from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.rand(samples, length, generator=gen)
+    half = length // 2
+    first = torch.randint(0, half, (samples,), generator=gen)
+    second = torch.randint(half, length, (samples,), generator=gen)
+    markers = torch.zeros(samples, length)
+    rows = torch.arange(samples)
+    markers[rows, first] = 1.0
+    markers[rows, second] = 1.0
+    targets = values[rows, first] + values[rows, second]
+    return TensorDataset(torch.stack([values, markers], dim=-1), targets.unsqueeze(-1))
+
+
+class AddingDataModule(pl.LightningDataModule):
+    def __init__(
+        self, length: int = 100, train_samples: int = 4096, val_samples: int = 512, batch_size: int = 64, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.length, self.train_samples, self.val_samples = length, train_samples, val_samples
+        self.batch_size, self.seed = batch_size, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = adding_problem(self.train_samples, self.length, self.seed)
+        self.val_set = adding_problem(self.val_samples, self.length, self.seed + 1)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size)
+
+
+class TanhRNN(pl.LightningModule):
+    """A single-layer tanh RNN with a linear read-out. ``recurrent_scale`` sets the spectral radius of the
+    recurrent weights at initialisation: above 1, gradients through long sequences explode (Pascanu et al. 2013,
+    section 3)."""
+
+    def __init__(self, hidden: int = 64, lr: float = 0.1, recurrent_scale: float = 1.5, seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(seed)
+        self.rnn = torch.nn.RNN(2, hidden, nonlinearity="tanh", batch_first=True)
+        with torch.no_grad():
+            weight = torch.randn(hidden, hidden)
+            weight *= recurrent_scale / torch.linalg.eigvals(weight).abs().max()
+            self.rnn.weight_hh_l0.copy_(weight)
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.mse_loss(self(x), y), prog_bar=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
