@@ -8,6 +8,7 @@ trainer before training starts, and hands what was recorded to the loggers.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Literal
 
@@ -20,6 +21,19 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning_clip import methods
 from lightning_clip.clipper import NONFINITE_MODES, Clipper, StepRecord
 from lightning_clip.params import ParamSet, name_params, optimizer_params
+from lightning_clip.stats import LayerGrouping, LayerStats
+
+log = logging.getLogger("lightning_clip")
+
+#: Summaries W&B keeps for each key (exact names: W&B ignores later globs, see README "W&B").
+WANDB_SUMMARIES = {
+    "grad/norm": "max",
+    "grad/norm_clipped": "max",
+    "clip/coef": "min",
+    "clip/rate": "mean",
+    "clip/nonfinite_steps": "last",
+    "clip/skipped_steps": "last",
+}
 
 
 class ClippingConfigError(MisconfigurationException, ValueError):
@@ -46,6 +60,13 @@ class GradientClipping(Callback):
             skips such steps, so only their count is kept.
         max_consecutive_skips: with ``skip``, raise after this many skipped steps in a row.
         log_every_n_steps: record every this many optimizer steps (default: the trainer's ``log_every_n_steps``).
+        layer_stats: record per-layer statistics (``grad_norm/<layer>``, ``param_norm/<layer>``,
+            ``grad_ratio/<layer>``, ``grad_nonfinite/<layer>``) on recording steps.
+        layer_depth: report layers aggregated to this many components of the module path (default: the module
+            that owns the parameters).
+        per_parameter: report each parameter tensor on its own instead of per module.
+        layer_include / layer_exclude: glob patterns on layer names to report / leave out.
+        log_grad_max: also record ``grad_max/<layer>``, the largest absolute gradient value before clipping.
     """
 
     def __init__(
@@ -61,6 +82,12 @@ class GradientClipping(Callback):
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
         max_consecutive_skips: int = 20,
         log_every_n_steps: int | None = None,
+        layer_stats: bool = True,
+        layer_depth: int | None = None,
+        per_parameter: bool = False,
+        layer_include: str | list[str] | None = None,
+        layer_exclude: str | list[str] | None = None,
+        log_grad_max: bool = False,
     ) -> None:
         given = {
             "max_norm": max_norm,
@@ -81,6 +108,15 @@ class GradientClipping(Callback):
         _check_count("max_consecutive_skips", max_consecutive_skips)
         if log_every_n_steps is not None:
             _check_count("log_every_n_steps", log_every_n_steps)
+        if layer_depth is not None:
+            _check_count("layer_depth", layer_depth)
+        if layer_depth is not None and per_parameter:
+            raise ClippingConfigError("GradientClipping: layer_depth and per_parameter=True exclude each other")
+        self.grouping = LayerGrouping(
+            layer_depth, per_parameter, _globs("layer_include", layer_include), _globs("layer_exclude", layer_exclude)
+        )
+        self.layer_stats = layer_stats
+        self.log_grad_max = log_grad_max
         self.method = method
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
@@ -89,6 +125,7 @@ class GradientClipping(Callback):
         self._clippers: dict[int, Clipper] = {}
         self._indices: dict[int, int] = {}
         self._restored: dict[int, dict[str, Any]] = {}
+        self._wandb_defined: set[str] = set()
 
     @property
     def state_key(self) -> str:
@@ -128,6 +165,14 @@ class GradientClipping(Callback):
                     "patterns are globs on parameter names (e.g. 'head.weight') or module names (e.g. 'head')."
                 )
 
+        for logger in _wandb_loggers(trainer):
+            logger.experiment.config.update({"clipping": self.config()}, allow_val_change=True)
+
+    def config(self) -> dict[str, Any]:
+        """The clipping configuration, as recorded in the W&B run config."""
+        params = {k: list(v) if isinstance(v, tuple) else v for k, v in self.params.items()}
+        return {"method": self.method, **params, "nonfinite": self.nonfinite}
+
     # ----------------------------------------------------------------------------------------- the step
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -135,8 +180,24 @@ class GradientClipping(Callback):
         clipper = self._clipper(trainer, pl_module, optimizer)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         record = clipper.step(record=(clipper.steps + 1) % every == 0)
+        if clipper.last_nonfinite:
+            self._log_nonfinite(trainer, clipper.last_nonfinite, record is not None)
         if record is not None:
             self._log(trainer, record, self._suffix(trainer, optimizer))
+
+    def _log_nonfinite(self, trainer: pl.Trainer, names: list[str], recorded: bool) -> None:
+        """A skipped step: say which layers held NaN/Inf, first one first, even off the logging cadence."""
+        layers = list(dict.fromkeys(self.grouping.layer(n) or n for n in names))
+        if trainer.is_global_zero:
+            log.warning(
+                "GradientClipping: non-finite gradients at global step %d, first in layer %r (all: %s); step skipped",
+                trainer.global_step,
+                layers[0],
+                ", ".join(layers),
+            )
+        if not recorded and self.layer_stats:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"grad_nonfinite/{layer}": 1.0 for layer in layers}, step=trainer.global_step)
 
     def _clipper(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> Clipper:
         clipper = self._clippers.get(id(optimizer))
@@ -150,6 +211,7 @@ class GradientClipping(Callback):
                 nonfinite=self.nonfinite,
                 max_consecutive_skips=self.max_consecutive_skips,
                 scaler_checks_nonfinite=_scaler(trainer) is not None,
+                stats=LayerStats(self.grouping, self.log_grad_max) if self.layer_stats else None,
             )
             index = _index(trainer, optimizer)
             if index in self._restored:
@@ -169,7 +231,9 @@ class GradientClipping(Callback):
         on_device = [grad_norm, clipped_norm, record.clipped_steps, record.nonfinite_steps]
         if isinstance(threshold, torch.Tensor):
             on_device.append(threshold.mean())
-        values = torch.stack([v.to(grad_norm) for v in on_device]).tolist()  # the one transfer to the host
+        on_device = [v.reshape(1).to(grad_norm) for v in on_device]
+        on_device += [v.to(grad_norm) for v in record.layer_stats.values()]
+        values = torch.cat(on_device).tolist()  # the one transfer to the host of a recording step
         norm, clipped, clipped_steps, nonfinite_steps = values[:4]
         threshold_value = values[4] if isinstance(threshold, torch.Tensor) else float(threshold)
         metrics = {
@@ -184,9 +248,27 @@ class GradientClipping(Callback):
         if record.judged_steps:
             metrics["clip/rate"] = clipped_steps / record.judged_steps
         metrics = {key + suffix: value for key, value in metrics.items()}
+        per_layer = values[len(values) - len(record.layers) * len(record.layer_stats) :]
+        for k, stat in enumerate(record.layer_stats):
+            for layer, value in zip(record.layers, per_layer[k * len(record.layers) : (k + 1) * len(record.layers)]):
+                metrics[f"{stat}/{layer}"] = value
         self.last_metrics.update(metrics)
+        self._define_wandb_summaries(trainer, metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+
+    def _define_wandb_summaries(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
+        """Exact-name ``define_metric`` calls for new keys (W&B ignores globs after WandbLogger's own ``*``)."""
+        new = [key for key in metrics if key not in self._wandb_defined]
+        if not new:
+            return
+        self._wandb_defined.update(new)
+        for logger in _wandb_loggers(trainer):
+            for key in new:
+                summary = WANDB_SUMMARIES.get(key.split("_opt")[0]) or ("max" if key.startswith("grad_") else None)
+                if summary:
+                    escaped = key.replace(".", "\\.")
+                    logger.experiment.define_metric(escaped, summary=summary, step_metric="trainer/global_step")
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
@@ -211,6 +293,23 @@ class GradientClipping(Callback):
 def _check_count(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ClippingConfigError(f"GradientClipping: {name}={value!r} is invalid: expected an integer >= 1")
+
+
+def _globs(name: str, value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ClippingConfigError(f"GradientClipping: {name}={value!r} is invalid: expected a glob or a list of globs")
+
+
+def _wandb_loggers(trainer: pl.Trainer) -> list[Any]:
+    """The trainer's WandbLoggers on rank zero (W&B is optional: without it installed there are none)."""
+    if not trainer.is_global_zero:
+        return []
+    return [logger for logger in trainer.loggers if type(logger).__name__ == "WandbLogger"]
 
 
 def _scaler(trainer: pl.Trainer) -> Any:

@@ -16,7 +16,7 @@ already checks, there is none.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -24,6 +24,7 @@ from torch import Tensor
 
 from lightning_clip.operators import ClipOperator, Measured, Threshold, tensor_norms
 from lightning_clip.params import Layout, ParamSet
+from lightning_clip.stats import LayerStats
 from lightning_clip.thresholds import ThresholdPolicy
 
 NonFinite = Literal["skip", "raise", "ignore"]
@@ -40,7 +41,8 @@ class StepRecord:
 
     ``grad_norms`` / ``clipped_norms`` are the per-tensor L2 norms before / after clipping, in the order of
     ``names``; ``clipped_steps`` / ``judged_steps`` count, since the previous record, the steps on which clipping
-    changed a gradient and the steps on which that was known."""
+    changed a gradient and the steps on which that was known. ``layers`` / ``layer_stats`` hold the per-layer
+    statistics (see ``stats.py``) when the clipper has a :class:`LayerStats`."""
 
     names: list[str]
     grad_norms: Tensor
@@ -50,6 +52,8 @@ class StepRecord:
     judged_steps: int
     nonfinite_steps: Tensor
     skipped_steps: int
+    layers: list[str] = field(default_factory=list)
+    layer_stats: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Clipper:
@@ -58,7 +62,10 @@ class Clipper:
     ``nonfinite``: ``"skip"`` sets the gradients to None so the optimizer step changes nothing (counted; after
     ``max_consecutive_skips`` skips in a row it raises), ``"raise"`` raises an error naming the tensors holding
     NaN/Inf, ``"ignore"`` does not look. ``scaler_checks_nonfinite=True`` (fp16 with a GradScaler, which skips
-    such steps itself) replaces both by a device-side count, with no host read.
+    such steps itself) replaces both by a device-side count, with no host read. After a step that ``skip`` found
+    non-finite, ``last_nonfinite`` names the tensors that held NaN/Inf, in optimizer order.
+
+    ``stats`` adds per-layer statistics to each record; they are computed on recording steps only.
     """
 
     def __init__(
@@ -69,6 +76,7 @@ class Clipper:
         nonfinite: NonFinite = "skip",
         max_consecutive_skips: int = 20,
         scaler_checks_nonfinite: bool = False,
+        stats: LayerStats | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
@@ -78,6 +86,8 @@ class Clipper:
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.scaler_checks_nonfinite = scaler_checks_nonfinite
+        self.stats = stats
+        self.last_nonfinite: list[str] = []
         self.steps = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -96,6 +106,7 @@ class Clipper:
         if layout is None:
             return None
         self.steps += 1
+        self.last_nonfinite = []
         grads = layout.grads()
         watch = self.reads_host or self.scaler_checks_nonfinite
         measured = None
@@ -110,6 +121,7 @@ class Clipper:
             self.consecutive_skips = 0
 
         grad_norms = self._l2_norms(layout, grads, measured) if record else None
+        before = self.stats.before_clip(layout, grads) if record and self.stats else {}
         threshold = self.policy.threshold(measured)
         applied = self.operator.apply(layout, grads, measured, threshold)
         self.policy.observe(measured, applied, finite)
@@ -123,7 +135,7 @@ class Clipper:
             clipped_norms = grad_norms * applied.scale.to(grad_norms)
         else:
             clipped_norms = tensor_norms(layout, grads, 2.0)
-        return self._record(layout, grad_norms, clipped_norms, threshold)
+        return self._record(layout, grad_norms, clipped_norms, threshold, before)
 
     def _count(self, finite: Tensor, like: Tensor) -> None:
         self._nonfinite_steps = self._nonfinite_steps.to(like.device) + (~finite).to(like.dtype)
@@ -134,7 +146,9 @@ class Clipper:
             return measured.norms
         return tensor_norms(layout, grads, 2.0)
 
-    def _record(self, layout: Layout, grad_norms: Tensor, clipped_norms: Tensor, threshold: Threshold) -> StepRecord:
+    def _record(
+        self, layout: Layout, grad_norms: Tensor, clipped_norms: Tensor, threshold: Threshold, before: dict
+    ) -> StepRecord:
         record = StepRecord(
             names=layout.names,
             grad_norms=grad_norms,
@@ -145,6 +159,9 @@ class Clipper:
             nonfinite_steps=self._nonfinite_steps,
             skipped_steps=self.skipped_steps,
         )
+        if self.stats is not None:
+            record.layers = self.stats.index(layout, grad_norms.device).layers
+            record.layer_stats = self.stats.compute(layout, grad_norms, before)
         self._clipped_steps = torch.zeros_like(self._clipped_steps)
         self._judged_steps = 0
         return record
@@ -158,6 +175,8 @@ class Clipper:
                 "Use nonfinite='skip' to skip such steps instead."
             )
         grad_norms = tensor_norms(layout, grads, 2.0) if record else None
+        before = self.stats.before_clip(layout, grads) if record and self.stats else {}
+        self.last_nonfinite = bad
         for p in layout.params:
             p.grad = None
         self.skipped_steps += 1
@@ -170,7 +189,7 @@ class Clipper:
             )
         if grad_norms is None:
             return None
-        return self._record(layout, grad_norms, torch.zeros_like(grad_norms), self.policy.threshold(None))
+        return self._record(layout, grad_norms, torch.zeros_like(grad_norms), self.policy.threshold(None), before)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,114 @@
+"""Per-layer gradient statistics from the per-tensor norms that clipping already measured. Plain PyTorch.
+
+A layer is, by default, the module that owns the parameters (a Linear's weight and bias together); ``depth=k``
+aggregates to the first k components of the module path (``encoder.layers.3.attn`` -> ``encoder.layers`` for
+k=2), ``per_parameter=True`` keeps each tensor on its own. Include / exclude globs filter layers by name. Norms
+aggregate as L2 norms (the square root of the summed squares), the largest absolute value as a max, all with one
+``index_add_`` / ``scatter_reduce`` per statistic, so the cost does not grow with the tensor count.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_clip.operators import tensor_norms
+from lightning_clip.params import Layout, owner_name
+
+
+@dataclass(frozen=True)
+class LayerGrouping:
+    """How parameter tensors are grouped into the layers that statistics are reported for."""
+
+    depth: int | None = None
+    per_parameter: bool = False
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    def layer(self, name: str) -> str | None:
+        """The layer a parameter belongs to, or None when the layer is filtered out."""
+        if self.per_parameter:
+            layer = name
+        else:
+            layer = owner_name(name) or name
+            if self.depth is not None:
+                layer = ".".join(layer.split(".")[: self.depth])
+        if self.include and not any(fnmatch.fnmatchcase(layer, p) for p in self.include):
+            return None
+        if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
+            return None
+        return layer
+
+
+@dataclass
+class LayerIndex:
+    """For one layout: the reported layers, and for each selected tensor (``positions``) the layer it feeds."""
+
+    layers: list[str]
+    positions: Tensor
+    layer_of: Tensor
+
+    @classmethod
+    def build(cls, layout: Layout, grouping: LayerGrouping, device: torch.device) -> LayerIndex:
+        layers: dict[str, int] = {}
+        positions, layer_of = [], []
+        for i, name in enumerate(layout.names):
+            layer = grouping.layer(name)
+            if layer is None:
+                continue
+            positions.append(i)
+            layer_of.append(layers.setdefault(layer, len(layers)))
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        return cls(list(layers), as_tensor(positions), as_tensor(layer_of))
+
+    def l2(self, tensor_values: Tensor) -> Tensor:
+        """Per-layer L2 norms from per-tensor L2 norms."""
+        squares = tensor_values[self.positions].square()
+        return squares.new_zeros(len(self.layers)).index_add_(0, self.layer_of, squares).sqrt()
+
+    def max(self, tensor_values: Tensor) -> Tensor:
+        values = tensor_values[self.positions]
+        return values.new_zeros(len(self.layers)).scatter_reduce_(0, self.layer_of, values, "amax")
+
+    def any_nonfinite(self, tensor_values: Tensor) -> Tensor:
+        bad = (~torch.isfinite(tensor_values[self.positions])).to(tensor_values.dtype)
+        return bad.new_zeros(len(self.layers)).index_add_(0, self.layer_of, bad).clamp_max_(1.0)
+
+
+class LayerStats:
+    """Computes per-layer statistics for a layout on recording steps; caches the layer index per layout."""
+
+    def __init__(self, grouping: LayerGrouping, grad_max: bool = False) -> None:
+        self.grouping = grouping
+        self.grad_max = grad_max
+
+    def index(self, layout: Layout, device: torch.device) -> LayerIndex:
+        key = ("layers", self.grouping)
+        if key not in layout.cache:
+            layout.cache[key] = LayerIndex.build(layout, self.grouping, device)
+        return layout.cache[key]
+
+    def before_clip(self, layout: Layout, grads: list[Tensor]) -> dict[str, Tensor]:
+        """What must be measured before clipping changes the gradients: the largest absolute values."""
+        return {"grad_max": tensor_norms(layout, grads, float("inf"))} if self.grad_max else {}
+
+    def compute(self, layout: Layout, grad_norms: Tensor, before: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per-layer ``grad_norm``, ``param_norm``, ``grad_ratio`` (NaN where the layer's parameters are all zero),
+        ``grad_nonfinite`` (1.0 where a tensor of the layer held NaN/Inf) and, if asked, ``grad_max``."""
+        index = self.index(layout, grad_norms.device)
+        params = [p.detach() for p in layout.params]
+        param_norms = tensor_norms(layout, params, 2.0).to(grad_norms)
+        grad_norm = index.l2(grad_norms)
+        param_norm = index.l2(param_norms)
+        stats = {
+            "grad_norm": grad_norm,
+            "param_norm": param_norm,
+            "grad_ratio": grad_norm / torch.where(param_norm > 0, param_norm, torch.nan),
+            "grad_nonfinite": index.any_nonfinite(grad_norms),
+        }
+        if "grad_max" in before:
+            stats["grad_max"] = index.max(before["grad_max"].to(grad_norms))
+        return stats

@@ -1,0 +1,151 @@
+import math
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from helpers import HostReads, make_params
+from lightning_clip import GradientClipping, methods
+from lightning_clip.clipper import Clipper
+from lightning_clip.params import ParamSet
+from lightning_clip.stats import LayerGrouping, LayerStats
+from models import GradProbe, TinyModule, loader, trainer
+
+NAMES = ["enc.0.weight", "enc.0.bias", "enc.1.weight", "dec.weight", "dec.bias", "scale"]
+SHAPES = [(4, 3), (4,), (3, 4), (2, 3), (2,), (1,)]
+
+
+def recorded(grouping, **kwargs):
+    params = make_params(shapes=SHAPES, seed=3, zero_params=(4,))
+    grads = [p.grad.clone() for p in params]
+    policy, operator = methods.build("norm", methods.resolve("norm", {"max_norm": 0.1}))
+    clipper = Clipper(policy, operator, ParamSet(NAMES, params), stats=LayerStats(grouping, **kwargs))
+    return clipper.step(record=True), params, grads
+
+
+def test_default_layers_are_owning_modules_with_l2_aggregation():
+    record, params, grads = recorded(LayerGrouping(), grad_max=True)
+    assert record.layers == ["enc.0", "enc.1", "dec", "scale"]
+    members = {"enc.0": [0, 1], "enc.1": [2], "dec": [3, 4], "scale": [5]}
+    for k, layer in enumerate(record.layers):
+        idx = members[layer]
+        grad_norm = math.sqrt(sum(grads[i].double().pow(2).sum().item() for i in idx))
+        param_norm = math.sqrt(sum(params[i].detach().double().pow(2).sum().item() for i in idx))
+        grad_max = max(grads[i].abs().max().item() for i in idx)
+        assert record.layer_stats["grad_norm"][k].item() == pytest.approx(grad_norm, rel=1e-5)
+        assert record.layer_stats["param_norm"][k].item() == pytest.approx(param_norm, rel=1e-5)
+        assert record.layer_stats["grad_ratio"][k].item() == pytest.approx(grad_norm / param_norm, rel=1e-5)
+        assert record.layer_stats["grad_max"][k].item() == pytest.approx(grad_max, rel=1e-6)  # before clipping
+        assert record.layer_stats["grad_nonfinite"][k].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("grouping", "layers"),
+    [
+        (LayerGrouping(depth=1), ["enc", "dec", "scale"]),
+        (LayerGrouping(per_parameter=True), NAMES),
+        (LayerGrouping(include=("enc.*",)), ["enc.0", "enc.1"]),
+        (LayerGrouping(exclude=("enc.*", "scale")), ["dec"]),
+    ],
+)
+def test_grouping_options(grouping, layers):
+    record, _, _ = recorded(grouping)
+    assert record.layers == layers
+    assert record.layer_stats["grad_norm"].shape == (len(layers),)
+
+
+def test_zero_parameters_give_nan_ratio_not_inf():
+    record, _, _ = recorded(LayerGrouping(per_parameter=True))
+    assert math.isnan(record.layer_stats["grad_ratio"][4].item())
+
+
+def test_host_reads_per_step_with_stats():
+    params = make_params(seed=4)
+    names = [f"l{i}.weight" for i in range(len(params))]
+    policy, operator = methods.build("norm", methods.resolve("norm", {}))
+    stats = LayerStats(LayerGrouping(), grad_max=True)
+    clipper = Clipper(policy, operator, ParamSet(names, params), nonfinite="ignore", stats=stats)
+    clipper.step(record=True)
+    with HostReads() as counter:
+        clipper.step()
+        clipper.step()
+    assert counter.count == 0
+    with HostReads() as counter:
+        clipper.step(record=True)
+    assert counter.count == 0  # the record stays on the device; the callback reads it once
+
+
+@pytest.mark.parametrize(("nonfinite", "reads"), [("ignore", 1), ("skip", 2)])
+def test_callback_reads_a_recording_step_once(nonfinite, reads):
+    """One batched transfer per recording step (plus the guard's scalar with skip)."""
+    clipping = GradientClipping("norm", max_norm=0.5, log_every_n_steps=1, nonfinite=nonfinite, log_grad_max=True)
+    counts = []
+
+    original = GradientClipping.on_before_optimizer_step
+
+    def counted(self, trainer, pl_module, optimizer):
+        with HostReads() as counter:
+            original(self, trainer, pl_module, optimizer)
+        counts.append(counter.count)
+
+    GradientClipping.on_before_optimizer_step = counted
+    try:
+        trainer(callbacks=[clipping]).fit(TinyModule(), loader())
+    finally:
+        GradientClipping.on_before_optimizer_step = original
+    assert counts == [reads] * 4
+
+
+def test_csv_gets_per_layer_values_matching_independent_norms(tmp_path):
+    probe_before = []
+
+    class Before(GradProbe):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            probe_before.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+
+    logger = CSVLogger(tmp_path, name="run")
+    clipping = GradientClipping("norm", max_norm=0.5, log_grad_max=True)
+    run = trainer(callbacks=[Before(), clipping], logger=logger, log_every_n_steps=2)
+    run.fit(TinyModule(), loader())
+    import csv
+
+    rows = [r for r in csv.DictReader(open(f"{logger.log_dir}/metrics.csv")) if r.get("grad/norm")]
+    assert len(rows) == 2
+    for row, step in zip(rows, (1, 3)):
+        grads = probe_before[step]
+        for layer in ("body.0", "body.2", "head"):
+            expected = math.sqrt(sum(g.double().pow(2).sum().item() for n, g in grads.items() if n.startswith(layer)))
+            assert float(row[f"grad_norm/{layer}"]) == pytest.approx(expected, rel=1e-5)
+            assert float(row[f"grad_max/{layer}"]) == pytest.approx(
+                max(g.abs().max().item() for n, g in grads.items() if n.startswith(layer)), rel=1e-6
+            )
+        assert {f"param_norm/{layer}" for layer in ("body.0", "body.2", "head")} <= set(row)
+
+
+def test_skipped_step_logs_nonfinite_layers_off_cadence(tmp_path, caplog):
+    logger = CSVLogger(tmp_path, name="run")
+    run = trainer(callbacks=[GradientClipping("norm", log_every_n_steps=50)], logger=logger, log_every_n_steps=50)
+    with caplog.at_level("WARNING", logger="lightning_clip"):
+        run.fit(TinyModule(nan_at_step=2), loader())
+    import csv
+
+    rows = [r for r in csv.DictReader(open(f"{logger.log_dir}/metrics.csv")) if r.get("grad_nonfinite/body.2")]
+    assert [(int(r["step"]), float(r["grad_nonfinite/body.2"])) for r in rows] == [(2, 1.0)]
+    assert "first in layer 'body.2'" in caplog.text
+
+
+def test_layer_names_survive_torch_compile():
+    model = TinyModule()
+    params = list(model.parameters())
+    from lightning_clip.params import name_params
+
+    assert name_params(params, torch.compile(model)) == name_params(params, model)
+
+
+def test_bad_layer_options():
+    with pytest.raises(ValueError, match="layer_depth=0 is invalid"):
+        GradientClipping(layer_depth=0)
+    with pytest.raises(ValueError, match="exclude each other"):
+        GradientClipping(layer_depth=1, per_parameter=True)
+    with pytest.raises(ValueError, match="layer_include=3 is invalid"):
+        GradientClipping(layer_include=3)

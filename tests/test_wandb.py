@@ -1,0 +1,74 @@
+"""A real offline W&B run, read back from its run file."""
+
+import math
+
+import pytest
+from lightning.pytorch.loggers import WandbLogger
+
+from lightning_clip import GradientClipping
+from models import GradProbe, TinyModule, loader, trainer
+from wandb_reader import read_run
+
+
+@pytest.fixture(scope="module")
+def wandb_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("wandb")
+    grads = []
+
+    class Before(GradProbe):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+
+    logger = WandbLogger(project="tests", save_dir=str(directory), offline=True)
+    clipping = GradientClipping("agc", clip_factor=0.05, exclude=["head"], log_grad_max=True)
+    run = trainer(callbacks=[Before(), clipping], logger=logger, log_every_n_steps=2, max_epochs=2)
+    run.fit(TinyModule(), loader())
+    logger.experiment.finish()
+    return read_run(directory), grads
+
+
+def test_history_has_the_scalars_and_per_layer_values(wandb_run):
+    run, grads = wandb_run
+    rows = [row for row in run.history if "grad/norm" in row]
+    assert [row["trainer/global_step"] for row in rows] == [1, 3, 5, 7]
+    for row in rows:
+        step_grads = grads[row["trainer/global_step"]]
+        total = math.sqrt(sum(g.double().pow(2).sum().item() for g in step_grads.values()))
+        assert row["grad/norm"] == pytest.approx(total, rel=1e-5)
+        for layer in ("body.0", "body.2", "head"):
+            expected = math.sqrt(
+                sum(g.double().pow(2).sum().item() for n, g in step_grads.items() if n.startswith(layer + "."))
+            )
+            assert row[f"grad_norm/{layer}"] == pytest.approx(expected, rel=1e-5)
+            assert f"param_norm/{layer}" in row and f"grad_ratio/{layer}" in row and f"grad_max/{layer}" in row
+        assert row["clip/threshold"] == 0.05
+        assert 0 <= row["clip/rate"] <= 1
+        assert row["grad/norm_clipped"] <= row["grad/norm"]
+
+
+def test_config_records_the_clipping_setup(wandb_run):
+    run, _ = wandb_run
+    assert run.config["clipping"] == {
+        "method": "agc",
+        "clip_factor": 0.05,
+        "eps": 0.001,
+        "exclude": ["head"],
+        "nonfinite": "skip",
+    }
+
+
+def test_summaries_are_defined_with_exact_escaped_names(wandb_run):
+    run, _ = wandb_run
+    assert run.metrics["grad/norm"].summary.max
+    assert run.metrics["clip/coef"].summary.min
+    assert run.metrics["clip/rate"].summary.mean
+    assert run.metrics["grad_norm/body\\.0"].summary.max
+    assert run.metrics["grad_norm/body\\.0"].step_metric == "trainer/global_step"
+
+
+def test_final_summary_holds_the_maximum(wandb_run):
+    run, _ = wandb_run
+    norms = [row["grad/norm"] for row in run.history if "grad/norm" in row]
+    assert run.summary["grad/norm"]["max"] == pytest.approx(max(norms))
+    layer_norms = [row["grad_norm/body.0"] for row in run.history if "grad_norm/body.0" in row]
+    assert run.summary["grad_norm/body.0"]["max"] == pytest.approx(max(layer_norms))

@@ -1,0 +1,81 @@
+"""Reads what an offline W&B run wrote to its ``run-*.wandb`` file, for tests.
+
+wandb 0.31 has no Python reader for it any more. The file is a LevelDB-style log: a 7-byte header (``:W&B``, a
+magic number, a version), then 32 KiB blocks of records, each with a 7-byte header (crc32, length, type: FULL,
+FIRST, MIDDLE or LAST) whose payloads, joined, are serialized ``wandb_internal_pb2.Record`` messages.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wandb.proto import wandb_internal_pb2 as pb
+
+BLOCK = 32768
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path):
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + HEADER <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < HEADER:
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if kind == 0 and length == 0:  # zero padding at the end of a block
+            pos += room
+            continue
+        payload = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == FULL:
+            pending = payload
+        elif kind == FIRST:
+            pending = payload
+            continue
+        elif kind == MIDDLE:
+            pending += payload
+            continue
+        elif kind == LAST:
+            pending += payload
+        record = pb.Record()
+        record.ParseFromString(pending)
+        yield record
+
+
+@dataclass
+class Run:
+    history: list[dict] = field(default_factory=list)
+    config: dict = field(default_factory=dict)
+    metrics: dict[str, pb.MetricRecord] = field(default_factory=dict)
+    summary: dict = field(default_factory=dict)
+
+
+def read_run(wandb_dir: Path) -> Run:
+    """The single offline run under ``wandb_dir``: history rows, config, define_metric records, final summary."""
+    files = list(Path(wandb_dir).glob("**/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    run = Run()
+    for record in records(files[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+        elif kind == "config":
+            for item in record.config.update:
+                run.config[_key(item)] = json.loads(item.value_json)
+        elif kind == "metric":
+            run.metrics[record.metric.name or record.metric.glob_name] = record.metric
+        elif kind == "summary":
+            for item in record.summary.update:
+                run.summary[_key(item)] = json.loads(item.value_json)
+    return run
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
