@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from lightning_clip import Clipper, ParamSet, methods
+from lightning_clip.stats import LayerGrouping, LayerStats
 
 MODELS = {"200 tensors / 25M": (100, 500), "2000 tensors / 25M": (1000, 158)}
 
@@ -40,10 +41,29 @@ def refill(params: list[torch.nn.Parameter], generator: torch.Generator) -> None
         p.grad.normal_(generator=generator)
 
 
+def names(params) -> list[str]:
+    return [f"layer{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(len(params))]
+
+
 def clipper(method: str, params, nonfinite: str, **kwargs) -> Callable[[], object]:
     policy, operator = methods.build(method, methods.resolve(method, kwargs))
-    engine = Clipper(policy, operator, ParamSet([f"p{i}" for i in range(len(params))], params), nonfinite=nonfinite)
+    engine = Clipper(policy, operator, ParamSet(names(params), params), nonfinite=nonfinite)
     return engine.step
+
+
+def recording_clipper(params, grad_max: bool) -> Callable[[], object]:
+    """Norm clipping on a logging step with per-layer statistics, read to the host in one transfer as the
+    callback does."""
+    policy, operator = methods.build("norm", methods.resolve("norm", {}))
+    stats = LayerStats(LayerGrouping(), grad_max=grad_max)
+    engine = Clipper(policy, operator, ParamSet(names(params), params), nonfinite="ignore", stats=stats)
+
+    def step():
+        record = engine.step(record=True)
+        total = torch.linalg.vector_norm(record.grad_norms).reshape(1)
+        return torch.cat([total, *record.layer_stats.values()]).tolist()
+
+    return step
 
 
 def timm_adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3) -> None:
@@ -102,6 +122,20 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
         ),
         ("agc, nonfinite=ignore", "timm adaptive_clip_grad loop", clipper("agc", params, "ignore"), agc_baseline),
         ("agc, nonfinite=skip", "timm adaptive_clip_grad loop", clipper("agc", params, "skip"), agc_baseline),
+    ]
+    cases += [
+        (
+            "norm + per-layer stats (logging step)",
+            "clip_grad_norm_(foreach=True)",
+            recording_clipper(params, grad_max=False),
+            norm_baseline,
+        ),
+        (
+            "norm + per-layer stats + grad_max (logging step)",
+            "clip_grad_norm_(foreach=True)",
+            recording_clipper(params, grad_max=True),
+            norm_baseline,
+        ),
     ]
     return [(ours, base, time_pair(fn, baseline, params, repeats)) for ours, base, fn, baseline in cases]
 

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 from lightning_clip.operators import ClipOperator
 from lightning_clip.params import ParamSet
 from lightning_clip.thresholds import ThresholdPolicy
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "scripts"))
+from benchmark import timm_adaptive_clip_grad as timm_style_agc  # noqa: E402, F401  (the benchmark's reference loop)
 
 SHAPES = [(7,), (5, 3), (4, 3, 3, 3), (1,), (6, 1), (2, 3, 5)]
 
@@ -61,21 +67,6 @@ def agc_reference(params, clip_factor, eps, excluded=()):
         ratio = g_norm / w_norm
         out.append(torch.where(ratio > clip_factor, g * clip_factor * w_norm / g_norm, g))
     return out
-
-
-def timm_style_agc(params, clip_factor=0.01, eps=1e-3):
-    """The adaptive_clip_grad algorithm as timm writes it: a Python loop, one tensor at a time (the benchmark's
-    reference and a second reference in tests)."""
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.detach()
-        dims = None if g.ndim <= 1 else tuple(range(1, g.ndim))
-        keep = g.ndim > 1
-        max_norm = torch.linalg.vector_norm(p.detach(), 2, dim=dims, keepdim=keep).clamp_(min=eps).mul_(clip_factor)
-        grad_norm = torch.linalg.vector_norm(g, 2, dim=dims, keepdim=keep)
-        clipped = g * (max_norm / grad_norm.clamp(min=1e-6))
-        p.grad.detach().copy_(torch.where(grad_norm < max_norm, g, clipped))
 
 
 class HostReads:
