@@ -72,3 +72,15 @@ def test_final_summary_holds_the_maximum(wandb_run):
     assert run.summary["grad/norm"]["max"] == pytest.approx(max(norms))
     layer_norms = [row["grad_norm/body.0"] for row in run.history if "grad_norm/body.0" in row]
     assert run.summary["grad_norm/body.0"]["max"] == pytest.approx(max(layer_norms))
+
+
+def test_disabled_wandb_still_trains_and_other_loggers_get_everything(tmp_path, monkeypatch):
+    from lightning.pytorch.loggers import CSVLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    csv_logger = CSVLogger(tmp_path, name="run")
+    loggers = [WandbLogger(project="tests", save_dir=str(tmp_path)), csv_logger]
+    clipping = GradientClipping("norm", max_norm=0.5)
+    trainer(callbacks=[clipping], logger=loggers, log_every_n_steps=2).fit(TinyModule(), loader())
+    text = open(f"{csv_logger.log_dir}/metrics.csv").read()
+    assert "grad/norm" in text and "grad_norm/body.0" in text
