@@ -67,6 +67,10 @@ class GradientClipping(Callback):
         per_parameter: report each parameter tensor on its own instead of per module.
         layer_include / layer_exclude: glob patterns on layer names to report / leave out.
         log_grad_max: also record ``grad_max/<layer>``, the largest absolute gradient value before clipping.
+        histogram_every: every this many recording steps, per-layer gradient histograms (W&B only; off by default).
+        histogram_bins: bins per histogram.
+        heatmap_every: every this many recording steps, and at the end of training, a layers x steps image of the
+            per-layer gradient norms (W&B only; default: at the end only).
     """
 
     def __init__(
@@ -88,6 +92,9 @@ class GradientClipping(Callback):
         layer_include: str | list[str] | None = None,
         layer_exclude: str | list[str] | None = None,
         log_grad_max: bool = False,
+        histogram_every: int | None = None,
+        histogram_bins: int = 64,
+        heatmap_every: int | None = None,
     ) -> None:
         given = {
             "max_norm": max_norm,
@@ -115,8 +122,15 @@ class GradientClipping(Callback):
         self.grouping = LayerGrouping(
             layer_depth, per_parameter, _globs("layer_include", layer_include), _globs("layer_exclude", layer_exclude)
         )
+        for name, value in (("histogram_every", histogram_every), ("heatmap_every", heatmap_every)):
+            if value is not None:
+                _check_count(name, value)
+        _check_count("histogram_bins", histogram_bins)
         self.layer_stats = layer_stats
         self.log_grad_max = log_grad_max
+        self.histogram_every = histogram_every
+        self.histogram_bins = histogram_bins
+        self.heatmap_every = heatmap_every
         self.method = method
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
@@ -126,6 +140,8 @@ class GradientClipping(Callback):
         self._indices: dict[int, int] = {}
         self._restored: dict[int, dict[str, Any]] = {}
         self._wandb_defined: set[str] = set()
+        self._records: dict[int, int] = {}
+        self._heatmap: dict[str, dict[int, float]] = {}
 
     @property
     def state_key(self) -> str:
@@ -179,11 +195,34 @@ class GradientClipping(Callback):
     ) -> None:
         clipper = self._clipper(trainer, pl_module, optimizer)
         every = self.log_every_n_steps or trainer.log_every_n_steps
-        record = clipper.step(record=(clipper.steps + 1) % every == 0)
+        recording = (clipper.steps + 1) % every == 0
+        records = self._records.get(id(optimizer), 0) + recording
+        self._records[id(optimizer)] = records
+        histogram = recording and self.histogram_every is not None and records % self.histogram_every == 0
+        record = clipper.step(record=recording, histogram=histogram)
         if clipper.last_nonfinite:
             self._log_nonfinite(trainer, clipper.last_nonfinite, record is not None)
         if record is not None:
             self._log(trainer, record, self._suffix(trainer, optimizer))
+            if self.heatmap_every is not None and records % self.heatmap_every == 0:
+                self._log_heatmap(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_heatmap(trainer)
+
+    def _log_heatmap(self, trainer: pl.Trainer) -> None:
+        loggers = _wandb_loggers(trainer)
+        if not loggers or not self._heatmap:
+            return
+        import wandb
+
+        from lightning_clip import plots
+
+        fig = plots.grad_norm_heatmap(self._heatmap)
+        image = wandb.Image(fig)
+        plots.close(fig)
+        for logger in loggers:
+            logger.experiment.log({"grad_norm_heatmap": image, "trainer/global_step": trainer.global_step})
 
     def _log_nonfinite(self, trainer: pl.Trainer, names: list[str], recorded: bool) -> None:
         """A skipped step: say which layers held NaN/Inf, first one first, even off the logging cadence."""
@@ -211,7 +250,7 @@ class GradientClipping(Callback):
                 nonfinite=self.nonfinite,
                 max_consecutive_skips=self.max_consecutive_skips,
                 scaler_checks_nonfinite=_scaler(trainer) is not None,
-                stats=LayerStats(self.grouping, self.log_grad_max) if self.layer_stats else None,
+                stats=LayerStats(self.grouping, self.log_grad_max, self.histogram_bins) if self.layer_stats else None,
             )
             index = _index(trainer, optimizer)
             if index in self._restored:
@@ -231,11 +270,19 @@ class GradientClipping(Callback):
         on_device = [grad_norm, clipped_norm, record.clipped_steps, record.nonfinite_steps]
         if isinstance(threshold, torch.Tensor):
             on_device.append(threshold.mean())
+        layer_stats = dict(record.layer_stats)
+        hist = layer_stats.pop("grad_hist", None)
         on_device = [v.reshape(1).to(grad_norm) for v in on_device]
-        on_device += [v.to(grad_norm) for v in record.layer_stats.values()]
+        on_device += [v.to(grad_norm) for v in layer_stats.values()]
+        if hist is not None:
+            on_device.append(hist.reshape(-1).to(grad_norm))
         values = torch.cat(on_device).tolist()  # the one transfer to the host of a recording step
         norm, clipped, clipped_steps, nonfinite_steps = values[:4]
-        threshold_value = values[4] if isinstance(threshold, torch.Tensor) else float(threshold)
+        position = 4
+        if isinstance(threshold, torch.Tensor):
+            threshold_value, position = values[4], 5
+        else:
+            threshold_value = float(threshold)
         metrics = {
             "grad/norm": norm,
             "grad/norm_clipped": clipped,
@@ -248,14 +295,38 @@ class GradientClipping(Callback):
         if record.judged_steps:
             metrics["clip/rate"] = clipped_steps / record.judged_steps
         metrics = {key + suffix: value for key, value in metrics.items()}
-        per_layer = values[len(values) - len(record.layers) * len(record.layer_stats) :]
-        for k, stat in enumerate(record.layer_stats):
-            for layer, value in zip(record.layers, per_layer[k * len(record.layers) : (k + 1) * len(record.layers)]):
+        count = len(record.layers)
+        for stat in layer_stats:
+            for layer, value in zip(record.layers, values[position : position + count]):
                 metrics[f"{stat}/{layer}"] = value
+            position += count
+        for layer in record.layers:
+            self._heatmap.setdefault(layer, {})[trainer.global_step] = metrics[f"grad_norm/{layer}"]
         self.last_metrics.update(metrics)
         self._define_wandb_summaries(trainer, metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
+        if hist is not None:
+            counts = values[position:]
+            self._log_histograms(trainer, record.layers, counts, metrics)
+
+    def _log_histograms(self, trainer: pl.Trainer, layers: list[str], counts: list[float], metrics) -> None:
+        loggers = _wandb_loggers(trainer)
+        if not loggers:
+            return
+        import numpy as np
+        import wandb
+
+        bins = self.histogram_bins
+        histograms = {}
+        for k, layer in enumerate(layers):
+            limit = metrics[f"grad_max/{layer}"]
+            if not math.isfinite(limit):
+                continue
+            edges = np.linspace(-limit, limit, bins + 1) if limit > 0 else np.linspace(-1.0, 1.0, bins + 1)
+            histograms[f"grad_hist/{layer}"] = wandb.Histogram(np_histogram=(counts[k * bins : (k + 1) * bins], edges))
+        for logger in loggers:
+            logger.experiment.log({**histograms, "trainer/global_step": trainer.global_step})
 
     def _define_wandb_summaries(self, trainer: pl.Trainer, metrics: dict[str, float]) -> None:
         """Exact-name ``define_metric`` calls for new keys (W&B ignores globs after WandbLogger's own ``*``)."""

@@ -100,8 +100,9 @@ class Clipper:
         """Whether each step reads one scalar to the host to act on NaN/Inf gradients."""
         return self.nonfinite != "ignore" and not self.scaler_checks_nonfinite
 
-    def step(self, record: bool = False) -> StepRecord | None:
-        """Clip the gradients in place; returns a :class:`StepRecord` when ``record`` is true, else None."""
+    def step(self, record: bool = False, histogram: bool = False) -> StepRecord | None:
+        """Clip the gradients in place; returns a :class:`StepRecord` when ``record`` is true, else None.
+        ``histogram`` adds per-layer gradient histograms to a record (with ``stats``)."""
         layout = self.params.layout()
         if layout is None:
             return None
@@ -121,7 +122,7 @@ class Clipper:
             self.consecutive_skips = 0
 
         grad_norms = self._l2_norms(layout, grads, measured) if record else None
-        before = self.stats.before_clip(layout, grads) if record and self.stats else {}
+        before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
         threshold = self.policy.threshold(measured)
         applied = self.operator.apply(layout, grads, measured, threshold)
         self.policy.observe(measured, applied, finite)

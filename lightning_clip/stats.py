@@ -50,6 +50,7 @@ class LayerIndex:
     layers: list[str]
     positions: Tensor
     layer_of: Tensor
+    position_list: list[int]
 
     @classmethod
     def build(cls, layout: Layout, grouping: LayerGrouping, device: torch.device) -> LayerIndex:
@@ -62,7 +63,7 @@ class LayerIndex:
             positions.append(i)
             layer_of.append(layers.setdefault(layer, len(layers)))
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        return cls(list(layers), as_tensor(positions), as_tensor(layer_of))
+        return cls(list(layers), as_tensor(positions), as_tensor(layer_of), positions)
 
     def l2(self, tensor_values: Tensor) -> Tensor:
         """Per-layer L2 norms from per-tensor L2 norms."""
@@ -79,11 +80,16 @@ class LayerIndex:
 
 
 class LayerStats:
-    """Computes per-layer statistics for a layout on recording steps; caches the layer index per layout."""
+    """Computes per-layer statistics for a layout on recording steps; caches the layer index per layout.
 
-    def __init__(self, grouping: LayerGrouping, grad_max: bool = False) -> None:
+    Histograms (``histogram=True`` on a recording step) count each layer's gradient values in ``bins`` equal bins
+    over ``[-max, max]`` of that layer, before clipping, on the device: values are scaled into bin indices and
+    counted with ``bincount``, so no threshold is read back to the host and the bin count stays bounded."""
+
+    def __init__(self, grouping: LayerGrouping, grad_max: bool = False, bins: int = 64) -> None:
         self.grouping = grouping
         self.grad_max = grad_max
+        self.bins = bins
 
     def index(self, layout: Layout, device: torch.device) -> LayerIndex:
         key = ("layers", self.grouping)
@@ -91,13 +97,31 @@ class LayerStats:
             layout.cache[key] = LayerIndex.build(layout, self.grouping, device)
         return layout.cache[key]
 
-    def before_clip(self, layout: Layout, grads: list[Tensor]) -> dict[str, Tensor]:
-        """What must be measured before clipping changes the gradients: the largest absolute values."""
-        return {"grad_max": tensor_norms(layout, grads, float("inf"))} if self.grad_max else {}
+    def before_clip(self, layout: Layout, grads: list[Tensor], histogram: bool = False) -> dict[str, Tensor]:
+        """What must be measured before clipping changes the gradients: the largest absolute values (per tensor)
+        and, on histogram steps, the per-layer histograms."""
+        if not (self.grad_max or histogram):
+            return {}
+        before = {"grad_max": tensor_norms(layout, grads, float("inf"))}
+        if histogram:
+            index = self.index(layout, before["grad_max"].device)
+            layer_max = index.max(before["grad_max"])
+            limits = layer_max[index.layer_of].clamp_min(torch.finfo(layer_max.dtype).tiny)
+            counts = []
+            for k, i in enumerate(index.position_list):
+                scaled = grads[i].detach().reshape(-1).float() / limits[k]
+                scaled = torch.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=-1.0)
+                bin_of = ((scaled + 1.0) * (self.bins / 2)).floor_().clamp_(0, self.bins - 1).long()
+                counts.append(torch.bincount(bin_of, minlength=self.bins))
+            per_tensor = torch.stack(counts).to(layer_max.dtype)
+            hist = per_tensor.new_zeros(len(index.layers), self.bins).index_add_(0, index.layer_of, per_tensor)
+            before["grad_hist"] = hist
+        return before
 
     def compute(self, layout: Layout, grad_norms: Tensor, before: dict[str, Tensor]) -> dict[str, Tensor]:
         """Per-layer ``grad_norm``, ``param_norm``, ``grad_ratio`` (NaN where the layer's parameters are all zero),
-        ``grad_nonfinite`` (1.0 where a tensor of the layer held NaN/Inf) and, if asked, ``grad_max``."""
+        ``grad_nonfinite`` (1.0 where a tensor of the layer held NaN/Inf), ``grad_max`` when measured, and
+        ``grad_hist`` (layers x bins, over ``[-grad_max, grad_max]``) on histogram steps."""
         index = self.index(layout, grad_norms.device)
         params = [p.detach() for p in layout.params]
         param_norms = tensor_norms(layout, params, 2.0).to(grad_norms)
@@ -111,4 +135,6 @@ class LayerStats:
         }
         if "grad_max" in before:
             stats["grad_max"] = index.max(before["grad_max"].to(grad_norms))
+        if "grad_hist" in before:
+            stats["grad_hist"] = before["grad_hist"].to(grad_norms)
         return stats

@@ -20,7 +20,9 @@ def wandb_run(tmp_path_factory):
             grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
 
     logger = WandbLogger(project="tests", save_dir=str(directory), offline=True)
-    clipping = GradientClipping("agc", clip_factor=0.05, exclude=["head"], log_grad_max=True)
+    clipping = GradientClipping(
+        "agc", clip_factor=0.05, exclude=["head"], log_grad_max=True, histogram_every=2, histogram_bins=16
+    )
     run = trainer(callbacks=[Before(), clipping], logger=logger, log_every_n_steps=2, max_epochs=2)
     run.fit(TinyModule(), loader())
     logger.experiment.finish()
@@ -74,13 +76,29 @@ def test_final_summary_holds_the_maximum(wandb_run):
     assert run.summary["grad_norm/body.0"]["max"] == pytest.approx(max(layer_norms))
 
 
-def test_disabled_wandb_still_trains_and_other_loggers_get_everything(tmp_path, monkeypatch):
-    from lightning.pytorch.loggers import CSVLogger
+def test_histograms_count_pre_clip_gradients_every_k_records(wandb_run):
+    import numpy as np
 
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    csv_logger = CSVLogger(tmp_path, name="run")
-    loggers = [WandbLogger(project="tests", save_dir=str(tmp_path)), csv_logger]
-    clipping = GradientClipping("norm", max_norm=0.5)
-    trainer(callbacks=[clipping], logger=loggers, log_every_n_steps=2).fit(TinyModule(), loader())
-    text = open(f"{csv_logger.log_dir}/metrics.csv").read()
-    assert "grad/norm" in text and "grad_norm/body.0" in text
+    run, grads = wandb_run
+    rows = [row for row in run.history if "grad_hist/body.0" in row]
+    assert [row["trainer/global_step"] for row in rows] == [3, 7]  # every 2nd recording step
+    for row in rows:
+        step_grads = grads[row["trainer/global_step"]]
+        for layer in ("body.0", "body.2", "head"):
+            hist = row[f"grad_hist/{layer}"]
+            values = np.concatenate([g.flatten().numpy() for n, g in step_grads.items() if n.startswith(layer + ".")])
+            limit = np.abs(values).max()
+            assert hist["_type"] == "histogram" and len(hist["values"]) == 16
+            assert hist["bins"][0] == pytest.approx(-limit, rel=1e-5) and hist["bins"][-1] == pytest.approx(
+                limit, rel=1e-5
+            )
+            expected, _ = np.histogram(values, bins=np.linspace(-limit, limit, 17))
+            assert sum(hist["values"]) == values.size
+            assert np.abs(np.array(hist["values"]) - expected).max() <= 2  # float rounding at bin borders
+
+
+def test_heatmap_image_at_the_end_of_training(wandb_run):
+    run, _ = wandb_run
+    images = [row for row in run.history if "grad_norm_heatmap" in row]
+    assert len(images) == 1
+    assert images[0]["grad_norm_heatmap"]["_type"] == "image-file"

@@ -65,7 +65,14 @@ def read_run(wandb_dir: Path) -> Run:
     for record in records(files[0]):
         kind = record.WhichOneof("record_type")
         if kind == "history":
-            run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
+            row: dict = {}
+            for item in record.history.item:
+                path = [item.key] if item.key else list(item.nested_key)
+                target = row
+                for part in path[:-1]:
+                    target = target.setdefault(part, {})
+                target[path[-1]] = json.loads(item.value_json)
+            run.history.append(row)
         elif kind == "config":
             for item in record.config.update:
                 run.config[_key(item)] = json.loads(item.value_json)
