@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                 # both models, 2 threads, markdown table on stdout
     python scripts/benchmark.py --repeats 30 --threads 1
+    python scripts/benchmark.py --training      # Lightning runs: per-layer statistics vs wandb.watch / grad_norm
 
 Each row times our engine (``Clipper.step``, what ``GradientClipping`` runs in ``on_before_optimizer_step``) and its
 baseline on the same gradients, alternating which goes first, and reports median(ours) / median(baseline). Ratios,
@@ -140,12 +141,112 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
     return [(ours, base, time_pair(fn, baseline, params, repeats)) for ours, base, fn, baseline in cases]
 
 
+class Stack(torch.nn.Module):
+    """200 Linear(350, 350) layers with tanh: the anchor model for the per-layer statistics comparison."""
+
+    def __init__(self, layers: int = 200, width: int = 350) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def training_seconds_per_step(variant: str, steps: int, workdir: str) -> float:
+    """Mean seconds per training step of a Lightning run of ``Stack`` with one way of watching gradients."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.utilities import grad_norm
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_clip import GradientClipping
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = Stack()
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).square().mean()
+
+        def on_before_optimizer_step(self, optimizer):
+            if variant == "grad_norm" and self.global_step % 10 == 0:
+                self.log_dict(grad_norm(self, norm_type=2))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    class StepTimer(pl.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args):
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer]
+    if variant == "lightning_clip":  # statistics only: method none, no NaN check, so clipping itself costs nothing
+        callbacks.insert(0, GradientClipping("none", nonfinite="ignore", log_every_n_steps=10))
+    logger = WandbLogger(project="benchmark", save_dir=workdir, offline=True)
+    module = Module()
+    if variant == "wandb.watch":
+        logger.watch(module, log="gradients", log_freq=10)
+    data = DataLoader(TensorDataset(torch.randn(8 * steps, 350)), batch_size=8)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        logger=logger,
+        log_every_n_steps=10,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, data)
+    logger.experiment.finish()
+    return statistics.fmean(timer.times[10:])  # the mean: watching costs fall on logging steps
+
+
+def training_table(steps: int, rounds: int) -> None:
+    import os
+    import tempfile
+
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    variants = ["none", "lightning_clip", "wandb.watch", "grad_norm"]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as workdir:
+        for r in range(rounds):
+            for variant in variants if r % 2 == 0 else reversed(variants):
+                times[variant].append(training_seconds_per_step(variant, steps, workdir))
+    base = statistics.median(times["none"])
+    overhead = {v: statistics.median(times[v]) / base - 1.0 for v in variants}
+    print("Lightning training, 200 x Linear(350, 350), batch 8, gradients watched every 10 steps:")
+    print()
+    print("| watching gradients with | step time / no watching | overhead / ours |")
+    print("|---|---|---|")
+    for v in variants[1:]:
+        print(f"| {v} | {1 + overhead[v]:.2f} | {overhead[v] / max(overhead['lightning_clip'], 1e-3):.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--training", action="store_true", help="time Lightning runs instead of clipping alone")
+    parser.add_argument("--steps", type=int, default=60, help="with --training: steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="with --training: runs per variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.training:
+        training_table(args.steps, args.rounds)
+        return
     results = {name: rows(make_model(*shape), args.repeats) for name, shape in MODELS.items()}
     names = list(results)
     print(
