@@ -6,8 +6,11 @@
 
 from lightning_clip.callback import ClippingConfigError, GradientClipping
 from lightning_clip.clipper import Clipper, NonFiniteGradientError, StepRecord
+from lightning_clip.configs import register_configs
 from lightning_clip.methods import METHODS
 from lightning_clip.params import ParamSet
+
+register_configs()  # Hydra schemas for the packaged `clipping` group (see lightning_clip/configs.py)
 
 __version__ = "0.1.0"
 

@@ -71,6 +71,7 @@ class GradientClipping(Callback):
         histogram_bins: bins per histogram.
         heatmap_every: every this many recording steps, and at the end of training, a layers x steps image of the
             per-layer gradient norms (W&B only; default: at the end only).
+        progress_bar: show the latest ``grad_norm`` and ``clip_rate`` in Lightning's progress bar.
     """
 
     def __init__(
@@ -95,6 +96,7 @@ class GradientClipping(Callback):
         histogram_every: int | None = None,
         histogram_bins: int = 64,
         heatmap_every: int | None = None,
+        progress_bar: bool = True,
     ) -> None:
         given = {
             "max_norm": max_norm,
@@ -108,6 +110,7 @@ class GradientClipping(Callback):
             self.params = methods.resolve(method, given)
         except ValueError as error:
             raise ClippingConfigError(f"GradientClipping: {error}") from None
+        nonfinite = getattr(nonfinite, "value", nonfinite)  # a str Enum from a Hydra schema
         if nonfinite not in NONFINITE_MODES:
             raise ClippingConfigError(
                 f"GradientClipping: nonfinite={nonfinite!r} is invalid: expected one of {', '.join(NONFINITE_MODES)}"
@@ -131,11 +134,15 @@ class GradientClipping(Callback):
         self.histogram_every = histogram_every
         self.histogram_bins = histogram_bins
         self.heatmap_every = heatmap_every
+        self.progress_bar = progress_bar
         self.method = method
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.log_every_n_steps = log_every_n_steps
         self.last_metrics: dict[str, float] = {}
+        self.largest_grad_norm = 0.0  # over recorded steps
+        self.clipped_steps = 0.0  # steps on which clipping changed a gradient, among ...
+        self.judged_steps = 0  # ... the steps on which that was known (over the run)
         self._clippers: dict[int, Clipper] = {}
         self._indices: dict[int, int] = {}
         self._restored: dict[int, dict[str, Any]] = {}
@@ -203,7 +210,19 @@ class GradientClipping(Callback):
         if clipper.last_nonfinite:
             self._log_nonfinite(trainer, clipper.last_nonfinite, record is not None)
         if record is not None:
-            self._log(trainer, record, self._suffix(trainer, optimizer))
+            suffix = self._suffix(trainer, optimizer)
+            self._log(trainer, record, suffix)
+            if self.progress_bar:
+                shown = {"grad_norm": self.last_metrics[f"grad/norm{suffix}"]}
+                if f"clip/rate{suffix}" in self.last_metrics:
+                    shown["clip_rate"] = self.last_metrics[f"clip/rate{suffix}"]
+                pl_module.log_dict(
+                    {key + suffix: value for key, value in shown.items()},
+                    prog_bar=True,
+                    logger=False,
+                    on_step=True,
+                    on_epoch=False,
+                )
             if self.heatmap_every is not None and records % self.heatmap_every == 0:
                 self._log_heatmap(trainer)
 
@@ -294,6 +313,9 @@ class GradientClipping(Callback):
             metrics["clip/threshold"] = threshold_value
         if record.judged_steps:
             metrics["clip/rate"] = clipped_steps / record.judged_steps
+        self.largest_grad_norm = max(self.largest_grad_norm, norm)
+        self.clipped_steps += clipped_steps
+        self.judged_steps += record.judged_steps
         metrics = {key + suffix: value for key, value in metrics.items()}
         count = len(record.layers)
         for stat in layer_stats:

@@ -28,11 +28,12 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Param:
     """One parameter of a method: its default (or ``REQUIRED``), a normaliser that returns the checked value or
-    raises ``ValueError`` with what is allowed, and its meaning for the docs."""
+    raises ``ValueError`` with what is allowed, its meaning for the docs, and its type in Hydra schemas."""
 
     default: Any
     check: Callable[[Any], Any]
     doc: str
+    annotation: Any = float
 
 
 def _positive(value: Any) -> float:
@@ -58,7 +59,7 @@ def _patterns(value: Any) -> tuple[str, ...]:
 
 
 _MAX_NORM = Param(1.0, _positive, "largest norm allowed")
-_NORM_TYPE = Param(2.0, _norm_type, "p of the p-norm: 1, 2, ... or inf")
+_NORM_TYPE = Param(2.0, _norm_type, "p of the p-norm: 1, 2, ... or inf", Any)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ METHODS: dict[str, Method] = {
         params={
             "clip_factor": Param(0.01, _positive, "largest ratio of unit gradient norm to unit parameter norm"),
             "eps": Param(1e-3, _positive, "floor on the unit parameter norm (zero-initialised parameters)"),
-            "exclude": Param((), _patterns, "glob patterns of parameter or module names left unclipped"),
+            "exclude": Param((), _patterns, "glob patterns of parameter or module names left unclipped", list[str]),
         },
         build=lambda p: (FixedThreshold(p["clip_factor"]), UnitwiseClip(p["eps"], p["exclude"])),
         threshold_param="clip_factor",

@@ -1,87 +1,93 @@
-"""Demo: a tanh RNN on the adding problem (Pascanu et al. 2013), whose gradients explode without clipping, trained
-with GradientClipping and logged to Weights & Biases in offline mode (no account needed).
+"""The lightning_clip Hydra app: train a model with GradientClipping, log to W&B (offline by default), report.
 
-    python scripts/train.py                       # norm clipping at 1.0, 800 steps, about half a minute on CPU
-    python scripts/train.py --method agc --param clip_factor=0.05
-    python scripts/train.py --method none         # watch it diverge
+    python scripts/train.py                            # the demo: tanh RNN, adding problem, norm clipping
+    python scripts/train.py clipping=agc clipping.clip_factor=0.02
+    python scripts/train.py clipping=none                        # watch it diverge
+    python scripts/train.py trainer=ddp trainer.devices=2        # 2 processes on CPU (gloo)
+    python scripts/train.py logger=csv trainer.precision=bf16-mixed
+    python scripts/train.py -m clipping=norm,agc,value seed=0,1,2
+    python scripts/train.py --cfg job                            # print the composed config
+
+Configs: conf/ (model, data, trainer, logger, experiment) and the packaged clipping group (lightning_clip/conf).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
+import sys
 from pathlib import Path
 
+import hydra
 import lightning.pytorch as pl
 import torch
-import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
-from lightning_clip import GradientClipping
-from lightning_clip.examples.adding import AddingDataModule, TanhRNN
+from lightning_clip import ClippingConfigError, GradientClipping
+from lightning_clip.report import report
 
-
-class PeakNorm(pl.Callback):
-    """Keeps the largest pre-clip gradient norm GradientClipping recorded."""
-
-    def __init__(self, clipping: GradientClipping) -> None:
-        self.clipping, self.peak = clipping, 0.0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.peak = max(self.peak, self.clipping.last_metrics.get("grad/norm", 0.0))
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--method", default="norm")
-    parser.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="a parameter of the method, e.g. max_norm=0.5 (repeatable)",
-    )
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="runs/demo")
-    args = parser.parse_args()
+def make_clipping(cfg: DictConfig) -> GradientClipping:
+    """The callback from ``cfg.clipping``; a bad value ends the process with the callback's own message."""
+    try:
+        return instantiate(cfg.clipping)
+    except Exception as error:  # Hydra wraps what the target raised
+        cause = error.__cause__ or error
+        if isinstance(cause, ClippingConfigError):
+            print(f"error in clipping config: {cause}", file=sys.stderr)
+            sys.exit(2)
+        raise
 
-    os.environ.setdefault("WANDB_MODE", "offline")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    pl.seed_everything(args.seed, verbose=False)
-    params = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)}
-    if args.method == "norm":
-        params.setdefault("max_norm", 1.0)
-    clipping = GradientClipping(args.method, **params)
-    peak = PeakNorm(clipping)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    logger = pl.loggers.WandbLogger(project="lightning_clip-demo", save_dir=str(out), offline=True)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=args.steps,
-        callbacks=[clipping, peak],
-        logger=logger,
-        log_every_n_steps=10,
-        default_root_dir=str(out),
-        enable_model_summary=False,
-    )
-    trainer.fit(TanhRNN(lr=args.lr, seed=args.seed), AddingDataModule(seed=args.seed))
 
-    metrics = clipping.last_metrics
-    run_dir = Path(logger.experiment.dir).parent
-    logger.experiment.finish()
-    print("\n--- lightning_clip demo summary ---")
-    print(f"method               {args.method} {params}")
-    loss = trainer.callback_metrics["train/loss"].item()
-    print(f"final train loss     {loss:.4f} (finite: {math.isfinite(loss)}; --method none diverges to NaN here)")
-    print(f"clip rate (last log) {metrics.get('clip/rate', float('nan')):.2f}")
-    print(f"largest pre-clip norm {peak.peak:.3g}")
-    nonfinite, skipped = metrics.get("clip/nonfinite_steps", 0), metrics.get("clip/skipped_steps", 0)
-    print(f"non-finite steps     {nonfinite:.0f} (skipped: {skipped:.0f})")
-    print(f"W&B offline run      {run_dir}")
-    print(f"upload it with       wandb sync {run_dir}")
+def make_logger(cfg: DictConfig):
+    """The configured Lightning logger, or False; W&B runs of a sweep share a group named after the sweep."""
+    if not cfg.get("logger") or not cfg.logger.get("_target_"):
+        return False
+    extra = {}
+    if cfg.logger._target_.endswith("WandbLogger"):
+        hydra_cfg = HydraConfig.get()
+        extra["name"] = hydra_cfg.job.override_dirname or hydra_cfg.job.name
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            extra["group"] = Path(hydra_cfg.sweep.dir).name
+    return instantiate(cfg.logger, **extra)
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
+def main(cfg: DictConfig) -> float:
+    torch.set_num_threads(cfg.threads)
+    pl.seed_everything(cfg.seed, verbose=False)
+    clipping = make_clipping(cfg)
+    output = Path(HydraConfig.get().runtime.output_dir)
+    logger = make_logger(cfg)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[clipping], logger=logger, default_root_dir=str(output))
+    trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
+    loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(math.nan)))
+    if not trainer.is_global_zero:
+        return loss
+
+    wandb_dir = None
+    if type(logger).__name__ == "WandbLogger":
+        wandb_dir = Path(logger.experiment.dir).parent
+        logger.experiment.finish()  # close the run: a sweep's next job starts its own
+    plots = report(output) if cfg.report and logger else []
+    rate = clipping.clipped_steps / clipping.judged_steps if clipping.judged_steps else math.nan
+    print("\n--- lightning_clip run summary ---")
+    print(f"clipping              {clipping.method} {clipping.params}")
+    print(f"final train loss      {loss:.4g}{'' if math.isfinite(loss) else '  (diverged)'}")
+    print(f"clip rate             {rate:.2f} of optimizer steps clipped (recorded steps)")
+    print(f"largest pre-clip norm {clipping.largest_grad_norm:.4g}")
+    print(f"non-finite steps      {clipping.last_metrics.get('clip/nonfinite_steps', 0):.0f}")
+    print(f"output directory      {output}")
+    if plots:
+        print(f"report                {plots[0].parent}")
+    if wandb_dir is not None:
+        print(f"W&B offline run       {wandb_dir}")
+        print(f"upload it with        wandb sync {wandb_dir}")
+    return loss
 
 
 if __name__ == "__main__":

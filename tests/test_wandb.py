@@ -6,8 +6,8 @@ import pytest
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_clip import GradientClipping
+from lightning_clip.wandb_offline import read_run
 from models import GradProbe, TinyModule, loader, trainer
-from wandb_reader import read_run
 
 
 @pytest.fixture(scope="module")

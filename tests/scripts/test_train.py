@@ -1,35 +1,126 @@
-"""The demo script, run as a user runs it: a subprocess, W&B offline, the run read back from disk."""
+"""The Hydra app run as a user runs it: subprocesses, real overrides, W&B offline, outputs read back from disk."""
 
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
-SCRIPT = Path(__file__).parents[2] / "scripts" / "train.py"
+import pytest
+
+from lightning_clip.wandb_offline import read_run
+
+ROOT = Path(__file__).parents[2]
+TRAIN = ROOT / "scripts" / "train.py"
+REPORT = ROOT / "scripts" / "report.py"
+FAST = ["trainer.max_steps=20", "data.train_samples=512", "data.val_samples=64", "data.length=30"]
 
 
-def test_demo_trains_and_writes_an_offline_wandb_run(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--steps", "30", "--method", "agc", "--param", "clip_factor=0.05"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def run(args, cwd, timeout=300):
+    env = {**os.environ, "WANDB_MODE": "offline", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def only(paths):
+    paths = list(paths)
+    assert len(paths) == 1, paths
+    return paths[0]
+
+
+def test_single_run_writes_wandb_run_report_and_summary(tmp_path):
+    result = run([TRAIN, "clipping=agc", "clipping.clip_factor=0.02", *FAST], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "lightning_clip demo summary" in result.stdout
-    assert "method               agc {'clip_factor': 0.05}" in result.stdout
-    runs = list((tmp_path / "runs" / "demo" / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(runs) == 1 and runs[0].stat().st_size > 0
-    assert f"wandb sync {runs[0].parent.relative_to(tmp_path)}" in result.stdout
+    assert "--- lightning_clip run summary ---" in result.stdout
+    assert "clipping              agc {'clip_factor': 0.02" in result.stdout
+    output = only(tmp_path.glob("outputs/*/*"))
+    assert {p.name for p in (output / "report").iterdir()} == {"norms.png", "clip_rate.png", "heatmap.png"}
+    wandb_run = read_run(output)
+    assert wandb_run.config["clipping"]["method"] == "agc" and wandb_run.config["clipping"]["clip_factor"] == 0.02
+    assert any("grad/norm" in row for row in wandb_run.history)
+    assert f"wandb sync {only(output.glob('wandb/offline-run-*'))}" in result.stdout
 
 
-def test_demo_rejects_a_parameter_of_another_method(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--method", "agc", "--param", "max_norm=1"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def test_csv_logger_and_report_script(tmp_path):
+    result = run([TRAIN, "logger=csv", "report=false", *FAST], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = only(tmp_path.glob("outputs/*/*"))
+    assert not (output / "report").exists() and not (output / "wandb").exists()
+    result = run([REPORT, output], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in (output / "report").iterdir()) == ["clip_rate.png", "heatmap.png", "norms.png"]
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_write_one_output_dir_and_one_wandb_run(tmp_path):
+    result = run([TRAIN, "trainer=ddp", "trainer.devices=2", *FAST], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("--- lightning_clip run summary ---") == 1
+    output = only(tmp_path.glob("outputs/*/*"))
+    only(output.glob("wandb/offline-run-*"))
+    assert (output / "report" / "norms.png").exists()
+
+
+@pytest.mark.distributed
+def test_two_job_sweep_groups_runs_and_compares_them(tmp_path):
+    result = run([TRAIN, "-m", "clipping=norm,agc", *FAST], tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = only(p for p in tmp_path.glob("multirun/*/*") if (p / "multirun.yaml").exists())
+    runs = [read_run(sweep / job) for job in ("0", "1")]
+    assert [r.config["clipping"]["method"] for r in runs] == ["norm", "agc"]
+    assert {r.group for r in runs} == {sweep.name}
+    assert [r.name for r in runs] == [",".join(sorted([f"clipping={m}", *FAST])) for m in ("norm", "agc")]
+    table = (sweep / "comparison.md").read_text()
+    assert "clipping=norm" in table and "clipping=agc" in table
+    assert (sweep / "comparison.png").stat().st_size > 0
+    assert (sweep / "0" / "report" / "norms.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message", "code"),
+    [
+        ("clipping.max_nrom=1", "Key 'max_nrom' not in 'NormClipping'", 1),
+        ("clipping.max_norm=-1", "max_norm=-1.0 is invalid for method='norm': expected a finite number > 0", 2),
+    ],
+)
+def test_bad_override_exits_non_zero_with_message_and_no_traceback(tmp_path, override, message, code):
+    result = run([TRAIN, override, *FAST], tmp_path)
+    assert result.returncode == code
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_packaged_clipping_configs_from_a_separate_hydra_app(tmp_path):
+    (tmp_path / "config.yaml").write_text(
+        textwrap.dedent(
+            """
+            hydra:
+              searchpath: [pkg://lightning_clip.conf]
+            defaults:
+              - clipping: agc
+              - _self_
+            """
+        )
     )
-    assert result.returncode != 0
-    assert "method='agc' does not take max_norm; 'agc' takes: clip_factor, eps, exclude" in result.stderr
+    (tmp_path / "app.py").write_text(
+        textwrap.dedent(
+            """
+            import hydra
+            from hydra.utils import instantiate
+            import lightning_clip
+
+            @hydra.main(version_base="1.3", config_path=".", config_name="config")
+            def main(cfg):
+                callback = instantiate(cfg.clipping)
+                print("CALLBACK", callback.method, callback.params)
+
+            main()
+            """
+        )
+    )
+    result = run([tmp_path / "app.py", "clipping.clip_factor=0.03", "hydra.run.dir=out"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CALLBACK agc {'clip_factor': 0.03, 'eps': 0.001, 'exclude': ()}" in result.stdout
+    result = run([tmp_path / "app.py", "clipping.clip_factr=0.03", "hydra.run.dir=out"], tmp_path)
+    assert result.returncode == 1 and "Key 'clip_factr' not in 'AgcClipping'" in result.stderr

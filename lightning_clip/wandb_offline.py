@@ -1,4 +1,4 @@
-"""Reads what an offline W&B run wrote to its ``run-*.wandb`` file, for tests.
+"""Reads what an offline W&B run wrote to its ``run-*.wandb`` file (for the run report and the tests).
 
 wandb 0.31 has no Python reader for it any more. The file is a LevelDB-style log: a 7-byte header (``:W&B``, a
 magic number, a version), then 32 KiB blocks of records, each with a 7-byte header (crc32, length, type: FULL,
@@ -21,7 +21,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 def records(path: Path):
     data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", "not a W&B run file"
+    if data[:4] != b":W&B":
+        raise ValueError(f"{path} is not a W&B run file")
     pos, pending = HEADER, b""
     while pos + HEADER <= len(data):
         room = BLOCK - pos % BLOCK
@@ -55,14 +56,27 @@ class Run:
     config: dict = field(default_factory=dict)
     metrics: dict[str, pb.MetricRecord] = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
+    group: str = ""
+    name: str = ""
+
+
+def run_files(directory: Path) -> list[Path]:
+    """The offline run files under ``directory``, oldest first."""
+    return sorted(Path(directory).glob("**/offline-run-*/run-*.wandb"))
 
 
 def read_run(wandb_dir: Path) -> Run:
-    """The single offline run under ``wandb_dir``: history rows, config, define_metric records, final summary."""
-    files = list(Path(wandb_dir).glob("**/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, files
+    """The single offline run under ``wandb_dir`` (a run directory or any folder above it): history rows, config,
+    define_metric records, final summary."""
+    files = run_files(wandb_dir)
+    if len(files) != 1:
+        raise FileNotFoundError(f"expected one offline W&B run under {wandb_dir}, found {len(files)}")
+    return read_run_file(files[0])
+
+
+def read_run_file(path: Path) -> Run:
     run = Run()
-    for record in records(files[0]):
+    for record in records(path):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row: dict = {}
@@ -78,6 +92,8 @@ def read_run(wandb_dir: Path) -> Run:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "metric":
             run.metrics[record.metric.name or record.metric.glob_name] = record.metric
+        elif kind == "run":
+            run.group, run.name = record.run.run_group, record.run.display_name
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
