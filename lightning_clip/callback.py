@@ -151,6 +151,11 @@ class GradientClipping(Callback):
         self._heatmap: dict[str, dict[int, float]] = {}
 
     @property
+    def skipped_steps(self) -> int:
+        """Optimizer steps this callback skipped for NaN/Inf gradients, over all optimizers."""
+        return sum(clipper.skipped_steps for clipper in self._clippers.values())
+
+    @property
     def state_key(self) -> str:
         return self._generate_state_key(method=self.method, **self.params)
 

@@ -16,6 +16,7 @@ already checks, there is none.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,6 +59,9 @@ class StepRecord:
 
 class Clipper:
     """Clips the gradients of one optimizer's parameters with a threshold policy and a clip operator.
+
+    A step is non-finite when the measured norm is NaN/Inf: a NaN/Inf element, or gradients so large that their norm
+    overflows float32 (stepping with them would make the parameters Inf).
 
     ``nonfinite``: ``"skip"`` sets the gradients to None so the optimizer step changes nothing (counted; after
     ``max_consecutive_skips`` skips in a row it raises), ``"raise"`` raises an error naming the tensors holding
@@ -169,7 +173,11 @@ class Clipper:
 
     def _nonfinite_step(self, layout: Layout, grads: list[Tensor], record: bool) -> StepRecord | None:
         bad = [name for name, g in zip(layout.names, grads) if not bool(torch.isfinite(g).all())]
-        listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        if bad:
+            listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        else:  # every element is finite, but the norm overflowed: count it as non-finite too
+            largest = max(float(tensor_norms(layout, grads, math.inf).max()), 0.0)
+            listed = f"none of the tensors (their norm overflowed float32; largest |gradient| {largest:.3g})"
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradients (NaN/Inf) at optimizer step {self.steps} in: {listed}. "

@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_clip import ClippingConfigError, GradientClipping
+from lightning_clip import ClippingConfigError, GradientClipping, NonFiniteGradientError
 from lightning_clip.report import report
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -64,8 +64,12 @@ def main(cfg: DictConfig) -> float:
     output = Path(HydraConfig.get().runtime.output_dir)
     logger = make_logger(cfg)
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[clipping], logger=logger, default_root_dir=str(output))
-    trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
-    loss = float(trainer.callback_metrics.get("train/loss", torch.tensor(math.nan)))
+    diverged = None
+    try:
+        trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
+    except NonFiniteGradientError as error:  # a diverged run is an outcome to report, not a crash
+        diverged = str(error)
+    loss = math.nan if diverged else float(trainer.callback_metrics.get("train/loss", torch.tensor(math.nan)))
     if not trainer.is_global_zero:
         return loss
 
@@ -78,9 +82,11 @@ def main(cfg: DictConfig) -> float:
     print("\n--- lightning_clip run summary ---")
     print(f"clipping              {clipping.method} {clipping.params}")
     print(f"final train loss      {loss:.4g}{'' if math.isfinite(loss) else '  (diverged)'}")
+    if diverged:
+        print(f"stopped at step {trainer.global_step}: {diverged}")
     print(f"clip rate             {rate:.2f} of optimizer steps clipped (recorded steps)")
     print(f"largest pre-clip norm {clipping.largest_grad_norm:.4g}")
-    print(f"non-finite steps      {clipping.last_metrics.get('clip/nonfinite_steps', 0):.0f}")
+    print(f"skipped steps         {clipping.skipped_steps} (NaN/Inf gradients)")
     print(f"output directory      {output}")
     if plots:
         print(f"report                {plots[0].parent}")

@@ -142,3 +142,12 @@ def test_state_dict_round_trip():
     restored = clipper_for("norm", make_params(seed=10))
     restored.load_state_dict(clipper.state_dict())
     assert (restored.steps, restored.skipped_steps, restored._nonfinite_steps.item()) == (1, 1, 1)
+
+
+def test_norm_overflow_counts_as_nonfinite_and_says_so():
+    params = make_params(seed=11)
+    for p in params:
+        p.grad = torch.full_like(p, 3e19)  # every element finite, the sum of squares overflows float32
+    clipper = clipper_for("norm", params, "raise")
+    with pytest.raises(NonFiniteGradientError, match=r"their norm overflowed float32; largest \|gradient\| 3e\+19"):
+        clipper.step()
