@@ -44,8 +44,9 @@ class GradientClipping(Callback):
     """Clip the gradients of the optimizer about to step, and record what was done.
 
     ``GradientClipping(method="agc", clip_factor=0.02)``: ``method`` is one of ``none``, ``norm``, ``value``,
-    ``tensor_norm``, ``agc``; the other keyword arguments are that method's parameters (see the README's tables or
-    ``lightning_clip.METHODS``). Setting a parameter the method does not take is an error.
+    ``tensor_norm``, ``agc``, ``autoclip``, ``zclip``, ``adagc``; the method's parameters are keyword arguments
+    (the README has a table per method; ``lightning_clip.METHODS`` holds them with defaults and meanings). Setting
+    a parameter the method does not take is an error that lists the ones it does.
 
     Args:
         method: the clipping method.
@@ -55,6 +56,12 @@ class GradientClipping(Callback):
         clip_factor: ``agc``: largest ratio of unit gradient norm to unit parameter norm (default 0.01).
         eps: ``agc``: floor on unit parameter norms (default 1e-3).
         exclude: ``agc``: glob patterns of parameter or module names left unclipped, e.g. ``["head"]``.
+        schedule, schedule_steps, schedule_factor: ``norm`` / ``tensor_norm`` / ``agc``: the threshold over
+            optimizer steps, ``constant`` (default), ``linear`` warmup or ``cosine`` decay.
+        percentile, window: ``autoclip``.
+        alpha, z_thresh, warmup_steps, mode, clip_option, clip_factor, max_norm, skip_update_on_spike, eps:
+            ``zclip``.
+        beta, lambda_rel, lambda_abs, warmup_steps: ``adagc``.
         nonfinite: on NaN/Inf gradients, ``skip`` the optimizer step (parameters and optimizer state unchanged),
             ``raise`` an error naming the tensors, or ``ignore``. Under fp16 with a GradScaler the scaler already
             skips such steps, so only their count is kept.
@@ -84,6 +91,20 @@ class GradientClipping(Callback):
         clip_factor: float | None = None,
         eps: float | None = None,
         exclude: str | list[str] | None = None,
+        schedule: Literal["constant", "linear", "cosine"] | None = None,
+        schedule_steps: int | None = None,
+        schedule_factor: float | None = None,
+        percentile: float | None = None,
+        window: int | None = None,
+        alpha: float | None = None,
+        z_thresh: float | None = None,
+        warmup_steps: int | None = None,
+        mode: Literal["zscore", "percentile"] | None = None,
+        clip_option: Literal["adaptive_scaling", "mean"] | None = None,
+        skip_update_on_spike: bool | None = None,
+        beta: float | None = None,
+        lambda_rel: float | None = None,
+        lambda_abs: float | None = None,
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
         max_consecutive_skips: int = 20,
         log_every_n_steps: int | None = None,
@@ -98,14 +119,8 @@ class GradientClipping(Callback):
         heatmap_every: int | None = None,
         progress_bar: bool = True,
     ) -> None:
-        given = {
-            "max_norm": max_norm,
-            "norm_type": norm_type,
-            "clip_value": clip_value,
-            "clip_factor": clip_factor,
-            "eps": eps,
-            "exclude": exclude,
-        }
+        arguments = locals()
+        given = {name: arguments[name] for name in methods.PARAMETER_NAMES}
         try:
             self.params = methods.resolve(method, given)
         except ValueError as error:

@@ -127,9 +127,10 @@ class Clipper:
 
         grad_norms = self._l2_norms(layout, grads, measured) if record else None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
-        threshold = self.policy.threshold(measured)
+        threshold = self.policy.threshold(layout, measured)
+        reported = self.policy.reported(threshold) if record else threshold
         applied = self.operator.apply(layout, grads, measured, threshold)
-        self.policy.observe(measured, applied, finite)
+        self.policy.observe(layout, measured, applied, finite)
         if applied.changed is not None:
             self._clipped_steps = self._clipped_steps.to(measured.total.device if measured else "cpu")
             self._clipped_steps += applied.changed
@@ -140,7 +141,7 @@ class Clipper:
             clipped_norms = grad_norms * applied.scale.to(grad_norms)
         else:
             clipped_norms = tensor_norms(layout, grads, 2.0)
-        return self._record(layout, grad_norms, clipped_norms, threshold, before)
+        return self._record(layout, grad_norms, clipped_norms, reported, before)
 
     def _count(self, finite: Tensor, like: Tensor) -> None:
         self._nonfinite_steps = self._nonfinite_steps.to(like.device) + (~finite).to(like.dtype)
@@ -198,7 +199,7 @@ class Clipper:
             )
         if grad_norms is None:
             return None
-        return self._record(layout, grad_norms, torch.zeros_like(grad_norms), self.policy.threshold(None), before)
+        return self._record(layout, grad_norms, torch.zeros_like(grad_norms), math.nan, before)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -55,27 +55,30 @@ def name_params(params: Sequence[Tensor], module: torch.nn.Module | None) -> lis
 class Layout:
     """The tensors of one optimizer that have gradients, ordered so that each (device, dtype) run is contiguous.
 
-    ``groups`` holds ``(device, slice)`` pairs over that order. ``cache`` is where clip operators keep what they
-    derive once from the static layout (views, exclusion masks).
+    ``groups`` holds ``(device, slice)`` pairs over that order; ``indices`` the position of each tensor in its
+    :class:`ParamSet` (where per-tensor state such as AdaGC's thresholds is kept). ``cache`` is where clip operators
+    keep what they derive once from the static layout (views, exclusion masks).
     """
 
     names: list[str]
     params: list[Tensor]
     groups: list[tuple[torch.device, slice]]
+    indices: list[int]
     cache: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, names: Sequence[str], params: Sequence[Tensor]) -> Layout:
+    def build(cls, names: Sequence[str], params: Sequence[Tensor], indices: Sequence[int] | None = None) -> Layout:
         runs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             grad = p.grad if p.grad is not None else p
             runs.setdefault((grad.device, grad.dtype), []).append(i)
-        order = [i for indices in runs.values() for i in indices]
+        order = [i for members in runs.values() for i in members]
         groups, start = [], 0
-        for (device, _), indices in runs.items():
-            groups.append((device, slice(start, start + len(indices))))
-            start += len(indices)
-        return cls([names[i] for i in order], [params[i] for i in order], groups)
+        for (device, _), members in runs.items():
+            groups.append((device, slice(start, start + len(members))))
+            start += len(members)
+        indices = list(range(len(params))) if indices is None else list(indices)
+        return cls([names[i] for i in order], [params[i] for i in order], groups, [indices[i] for i in order])
 
     def grads(self) -> list[Tensor]:
         return [p.grad for p in self.params]  # type: ignore[misc]
@@ -103,7 +106,7 @@ class ParamSet:
             present = [i for i in range(len(self.params)) if i not in skipped]
             if not present:
                 return None
-            layout = Layout.build([self.names[i] for i in present], [self.params[i] for i in present])
+            layout = Layout.build([self.names[i] for i in present], [self.params[i] for i in present], present)
             self._layouts[missing] = layout
         return layout
 

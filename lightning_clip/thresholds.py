@@ -1,28 +1,37 @@
 """Threshold policies: what limit a clip operator enforces on a given step.
 
 A policy is the other half of a clipping method (``operators.py`` holds the first). It reads what the operator
-measured, returns the threshold in force, and after the step observes the outcome to update its own state. A
-policy's state lives in device tensors and is only ever updated from finite steps.
+measured, returns the threshold in force, and after the step observes the outcome to update its own state.
+
+Adaptive state lives in device tensors and is updated with tensor ops (``torch.where``), never read back to the
+host, and never from a non-finite step: every update is masked with ``isfinite`` of the measured norm, so an fp16
+overflow step that a GradScaler skips (or a NaN step under ``nonfinite="ignore"``) leaves the state as it was.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from lightning_clip.operators import Applied, Measured, Threshold
+from lightning_clip.operators import NORM_EPS, Applied, Measured, Threshold
+from lightning_clip.params import Layout
 
 
 class ThresholdPolicy:
     """Base policy: a threshold per step, optional state."""
 
-    def threshold(self, measured: Measured | None) -> Threshold:
+    def threshold(self, layout: Layout, measured: Measured | None) -> Threshold:
         raise NotImplementedError
 
-    def observe(self, measured: Measured | None, applied: Applied, finite: Tensor | None) -> None:
-        """Update state after clipping; ``finite`` is a 0-d bool tensor, False on a step whose gradients held
-        NaN/Inf (state must then stay as it was)."""
+    def observe(self, layout: Layout, measured: Measured | None, applied: Applied, finite: Tensor | None) -> None:
+        """Update state after clipping; ``finite`` is a 0-d bool tensor when the clipper checked for NaN/Inf."""
+
+    def reported(self, threshold: Threshold) -> Threshold:
+        """The threshold to record as ``clip/threshold`` (by default the one clipping used)."""
+        return threshold
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -31,11 +40,267 @@ class ThresholdPolicy:
         pass
 
 
+def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
+    """Whether this step may update adaptive state: its measured norm is finite (and the clipper agrees)."""
+    usable = torch.isfinite(measured.total)
+    return usable if finite is None else usable & finite.to(usable.device)
+
+
 class FixedThreshold(ThresholdPolicy):
     """The same threshold on every step."""
 
     def __init__(self, value: float) -> None:
         self.value = float(value)
 
-    def threshold(self, measured: Measured | None) -> float:
+    def threshold(self, layout: Layout, measured: Measured | None) -> float:
         return self.value
+
+
+class ScheduledThreshold(ThresholdPolicy):
+    """A threshold that follows a schedule over optimizer steps, computed on the host from the step count (no
+    device read): ``constant``; ``linear`` warmup from ``factor * value`` to ``value`` over ``steps``; ``cosine``
+    decay from ``value`` to ``factor * value`` over ``steps`` (Loshchilov & Hutter 2017's shape). After ``steps``
+    the end value holds."""
+
+    SCHEDULES = ("constant", "linear", "cosine")
+
+    def __init__(self, value: float, schedule: str = "constant", steps: int = 1000, factor: float = 0.1) -> None:
+        self.value, self.schedule, self.steps, self.factor = float(value), schedule, steps, factor
+        self.step = 0
+
+    def at(self, step: int) -> float:
+        progress = min(step / self.steps, 1.0)
+        if self.schedule == "linear":
+            return self.value * (self.factor + (1.0 - self.factor) * progress)
+        if self.schedule == "cosine":
+            return self.value * (self.factor + (1.0 - self.factor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return self.value
+
+    def threshold(self, layout: Layout, measured: Measured | None) -> float:
+        return self.at(self.step)
+
+    def observe(self, layout, measured, applied, finite) -> None:
+        self.step += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+class AutoClipThreshold(ThresholdPolicy):
+    """AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"):
+    the threshold is the ``percentile``-th percentile of the history of global gradient norms, the current step's
+    included. The paper keeps the whole history; here it is a ring buffer of the last ``window`` finite norms on the
+    device (unfilled slots are NaN and ignored by ``nanquantile``; linear interpolation, as ``numpy.percentile``)."""
+
+    def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
+        self.percentile, self.window = percentile, window
+        self.history = torch.full((window,), math.nan)
+        self.count = torch.zeros((), dtype=torch.long)
+
+    def _with_current(self, total: Tensor) -> Tensor:
+        history = self.history.to(total.device, total.dtype)
+        slot = (self.count.to(total.device) % self.window).reshape(1)
+        return history.index_put((slot,), total.reshape(1))
+
+    def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
+        assert measured is not None
+        candidate = self._with_current(measured.total)
+        return torch.nanquantile(candidate, self.percentile / 100.0)
+
+    def observe(self, layout, measured, applied, finite) -> None:
+        usable = _usable(measured, finite)
+        candidate = self._with_current(measured.total)
+        self.history = torch.where(usable, candidate, self.history.to(candidate))
+        self.count = self.count.to(usable.device) + usable.long()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history.detach().cpu(), "count": self.count.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["history"].numel() != self.window:
+            raise ValueError(f"AutoClip state has a window of {state['history'].numel()}, this one {self.window}")
+        self.history, self.count = state["history"].clone(), state["count"].clone()
+
+
+class ZClipThreshold(ThresholdPolicy):
+    """ZClip (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): EMA estimates of the
+    mean and variance of the global gradient norm; a norm whose z-score exceeds ``z_thresh`` is a spike and is
+    clipped. As in the paper's reference code:
+
+    - the first ``warmup_steps`` norms are collected; their mean and (population) variance start the EMA;
+    - ``mode="zscore"``: on a spike with z-score ``z``, clip to ``mean + z_thresh * std / (z / z_thresh)`` times
+      ``clip_factor`` (``clip_option="adaptive_scaling"``), or to ``mean`` (``clip_option="mean"``);
+      ``mode="percentile"``: clip any norm above ``mean + z_thresh * std`` to that value;
+    - the EMA is then updated with the clipped value on a spike (with the raw norm otherwise), the variance with the
+      already-updated mean; ``skip_update_on_spike`` leaves the EMA alone on spikes;
+    - ``max_norm``, when set, caps the threshold on every step, warmup included (the reference defaults it to 1.0;
+      here it defaults to None, so nothing is clipped during warmup and no fixed threshold needs choosing).
+
+    ``clip/threshold`` records ``mean + z_thresh * std``, the norm above which a step counts as a spike.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        warmup_steps: int = 25,
+        mode: str = "zscore",
+        clip_option: str = "adaptive_scaling",
+        clip_factor: float = 1.0,
+        max_norm: float | None = None,
+        skip_update_on_spike: bool = False,
+        eps: float = 1e-6,
+    ) -> None:
+        self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
+        self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
+        self.max_norm, self.skip_update_on_spike, self.eps = max_norm, skip_update_on_spike, eps
+        self.warmup = torch.zeros(warmup_steps)
+        self.count = torch.zeros((), dtype=torch.long)
+        self.mean = torch.zeros(())
+        self.var = torch.zeros(())
+        self._spike: tuple[Tensor, Tensor] | None = None
+
+    def _state_on(self, like: Tensor) -> None:
+        self.warmup, self.mean, self.var = (t.to(like.device, like.dtype) for t in (self.warmup, self.mean, self.var))
+        self.count = self.count.to(like.device)
+
+    def _spike_and_limit(self, norm: Tensor) -> tuple[Tensor, Tensor]:
+        """Whether ``norm`` is a spike under the current EMA, and the value to clip it to if so."""
+        std = self.var.sqrt()
+        if self.mode == "percentile":
+            limit = self.mean + self.z_thresh * std
+            return norm > limit, limit
+        z = (norm - self.mean) / (std + self.eps)
+        if self.clip_option == "mean":
+            limit = self.mean
+        else:
+            eta = z / self.z_thresh
+            limit = (self.mean + self.z_thresh * std / eta) * self.clip_factor
+        return z > self.z_thresh, limit
+
+    def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
+        assert measured is not None
+        norm = measured.total
+        self._state_on(norm)
+        initialized = self.count >= self.warmup_steps
+        spike, limit = self._spike_and_limit(norm)
+        spike = spike & initialized
+        self._spike = (spike, limit)
+        threshold = torch.where(spike, limit, torch.full_like(norm, math.inf))
+        if self.max_norm is not None:
+            threshold = threshold.clamp(max=self.max_norm)
+        return threshold
+
+    def reported(self, threshold: Threshold) -> Tensor:
+        return self.mean + self.z_thresh * self.var.sqrt()
+
+    def observe(self, layout, measured, applied, finite) -> None:
+        norm = measured.total
+        usable = _usable(measured, finite)
+        spike, limit = self._spike if self._spike is not None else self._spike_and_limit(norm)
+        initialized = self.count >= self.warmup_steps
+        # warmup: collect the raw norm; when the buffer is full, start the EMA from its mean and variance
+        collect = usable & ~initialized
+        slot = self.count.clamp(max=self.warmup_steps - 1).reshape(1)
+        self.warmup = torch.where(collect, self.warmup.index_put((slot,), norm.reshape(1)), self.warmup)
+        count = self.count + collect.long()
+        starts = collect & (count == self.warmup_steps)
+        mean = torch.where(starts, self.warmup.mean(), self.mean)
+        var = torch.where(starts, self.warmup.var(unbiased=False), self.var)
+        # after warmup: the EMA, fed the clipped value on a spike
+        value = torch.where(spike, limit, norm)
+        updated_mean = self.alpha * mean + (1 - self.alpha) * value
+        updated_var = self.alpha * var + (1 - self.alpha) * (value - updated_mean) ** 2
+        update = usable & initialized
+        if self.skip_update_on_spike:
+            update = update & ~spike
+        self.mean = torch.where(update, updated_mean, mean)
+        self.var = torch.where(update, updated_var, var)
+        self.count = count
+        self._spike = None
+
+    def state_dict(self) -> dict[str, Any]:
+        tensors = {"warmup": self.warmup, "count": self.count, "mean": self.mean, "var": self.var}
+        return {name: t.detach().cpu() for name, t in tensors.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["warmup"].numel() != self.warmup_steps:
+            raise ValueError(f"ZClip state has warmup_steps={state['warmup'].numel()}, this one {self.warmup_steps}")
+        self.warmup, self.count = state["warmup"].clone(), state["count"].clone()
+        self.mean, self.var = state["mean"].clone(), state["var"].clone()
+
+
+class AdaGCThreshold(ThresholdPolicy):
+    """AdaGC (Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining"): one
+    threshold per parameter tensor, an EMA of that tensor's clipped gradient norm (to be used with per-tensor
+    clipping):
+
+    - warmup, the first ``warmup_steps`` finite steps: global-norm clipping at ``lambda_abs``; each tensor's
+      threshold ``gamma_i`` is the smallest clipped norm it has seen (``gamma_i = min(gamma_i, ||g_i||)``);
+    - then: clip each tensor to ``lambda_rel * gamma_i`` and update ``gamma_i <- beta * gamma_i + (1 - beta) *
+      ||clipped g_i||``.
+
+    Choices where the paper is silent: thresholds are kept per tensor of the optimizer (its ``Theta_i``), in the
+    order of the optimizer's parameters; a tensor first seen after warmup (no gradient before) starts its EMA from
+    its first norm, unclipped; the global warmup clip is expressed as per-tensor limits ``coef * (||g_i|| + 1e-6)``
+    so that one per-tensor operator serves both phases.
+
+    ``clip/threshold`` records the mean of the per-tensor thresholds in force.
+    """
+
+    def __init__(
+        self, beta: float = 0.98, lambda_rel: float = 1.05, lambda_abs: float = 1.0, warmup_steps: int = 100
+    ) -> None:
+        self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps = beta, lambda_rel, lambda_abs, warmup_steps
+        self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
+        self.count = torch.zeros((), dtype=torch.long)
+
+    def _gamma(self, layout: Layout, like: Tensor) -> tuple[Tensor, Tensor]:
+        size = max(layout.indices) + 1
+        if self.gamma is None or self.gamma.numel() < size:
+            grown = torch.full((size,), math.inf, device=like.device, dtype=like.dtype)
+            if self.gamma is not None:
+                grown[: self.gamma.numel()] = self.gamma.to(grown)
+            self.gamma = grown
+        self.gamma, self.count = self.gamma.to(like.device, like.dtype), self.count.to(like.device)
+        index = layout.cache.get("adagc_index")
+        if index is None:
+            index = layout.cache["adagc_index"] = torch.tensor(layout.indices, device=like.device)
+        return self.gamma, index
+
+    def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
+        assert measured is not None
+        norms = measured.norms
+        gamma, index = self._gamma(layout, norms)
+        warming = self.count < self.warmup_steps
+        coef = torch.clamp(self.lambda_abs / (measured.total + NORM_EPS), max=1.0)
+        global_limits = coef * (norms + NORM_EPS)
+        relative = self.lambda_rel * gamma[index]  # +inf for a tensor never seen: not clipped
+        return torch.where(warming, global_limits, relative)
+
+    def reported(self, threshold: Threshold) -> Tensor:
+        assert isinstance(threshold, Tensor)
+        finite = torch.isfinite(threshold)
+        return torch.where(finite, threshold, 0.0).sum() / finite.sum().clamp(min=1)
+
+    def observe(self, layout, measured, applied, finite) -> None:
+        usable = _usable(measured, finite)
+        gamma, index = self._gamma(layout, measured.norms)
+        clipped = measured.norms * applied.scale.to(measured.norms)
+        previous = gamma[index]
+        warming = self.count < self.warmup_steps
+        ema = torch.where(torch.isinf(previous), clipped, self.beta * previous + (1 - self.beta) * clipped)
+        new = torch.where(warming, torch.minimum(previous, clipped), ema)
+        self.gamma = gamma.index_put((index,), torch.where(usable, new, previous))
+        self.count = self.count + usable.long()
+
+    def state_dict(self) -> dict[str, Any]:
+        gamma = self.gamma.detach().cpu() if self.gamma is not None else torch.empty(0)
+        return {"gamma": gamma, "count": self.count.detach().cpu()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.gamma = state["gamma"].clone() if state["gamma"].numel() else None
+        self.count = state["count"].clone()

@@ -43,7 +43,7 @@ def apply(policy: ThresholdPolicy, operator: ClipOperator, params, names=None):
     layout = ps.layout()
     grads = layout.grads()
     measured = operator.measure(layout, grads)
-    operator.apply(layout, grads, measured, policy.threshold(measured))
+    operator.apply(layout, grads, measured, policy.threshold(layout, measured))
     return layout
 
 

@@ -184,6 +184,7 @@ def test_state_from_another_method_is_refused():
     ("kwargs", "message"),
     [
         ({"method": "agc", "max_norm": 1.0}, "method='agc' does not take max_norm; 'agc' takes: clip_factor"),
+        ({"method": "zclip", "alpha": 2.0}, "alpha=2.0 is invalid for method='zclip': expected a number in (0, 1)"),
         ({"method": "nope"}, "not a clipping method"),
         ({"method": "norm", "max_norm": -1}, "max_norm=-1 is invalid"),
         ({"method": "norm", "nonfinite": "drop"}, "nonfinite='drop' is invalid: expected one of skip, raise, ignore"),

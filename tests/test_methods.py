@@ -6,8 +6,9 @@ from lightning_clip.methods import METHODS, resolve
 
 
 def test_defaults_are_filled_in():
-    assert resolve("agc", {}) == {"clip_factor": 0.01, "eps": 1e-3, "exclude": ()}
-    assert resolve("norm", {"norm_type": "inf"}) == {"max_norm": 1.0, "norm_type": math.inf}
+    schedule = {"schedule": "constant", "schedule_steps": 1000, "schedule_factor": 0.1}
+    assert resolve("agc", {}) == {"clip_factor": 0.01, "eps": 1e-3, "exclude": (), **schedule}
+    assert resolve("norm", {"norm_type": "inf"}) == {"max_norm": 1.0, "norm_type": math.inf, **schedule}
     assert resolve("none", {"max_norm": None}) == {}
 
 
@@ -15,7 +16,24 @@ def test_defaults_are_filled_in():
     ("method", "given", "message"),
     [
         ("clip", {}, "method='clip' is not a clipping method; choose one of: none, norm"),
-        ("agc", {"max_norm": 1.0}, "method='agc' does not take max_norm; 'agc' takes: clip_factor, eps, exclude"),
+        ("agc", {"max_norm": 1.0}, "method='agc' does not take max_norm; 'agc' takes: clip_factor, eps, exclude, sch"),
+        ("autoclip", {"percentile": 0}, "percentile=0 is invalid for method='autoclip': expected a number in (0, 100]"),
+        ("autoclip", {"percentile": 101}, "percentile=101 is invalid"),
+        ("autoclip", {"window": 0}, "window=0 is invalid for method='autoclip': expected an integer >= 1"),
+        ("zclip", {"alpha": 1.0}, "alpha=1.0 is invalid for method='zclip': expected a number in (0, 1)"),
+        ("zclip", {"alpha": 0}, "alpha=0 is invalid"),
+        ("zclip", {"warmup_steps": 0}, "warmup_steps=0 is invalid"),
+        ("zclip", {"mode": "median"}, "mode='median' is invalid for method='zclip': expected one of 'zscore', 'per"),
+        ("zclip", {"clip_option": "max"}, "clip_option='max' is invalid"),
+        ("zclip", {"z_thresh": -1}, "z_thresh=-1 is invalid"),
+        ("zclip", {"skip_update_on_spike": "yes"}, "skip_update_on_spike='yes' is invalid"),
+        ("zclip", {"max_norm": 0}, "max_norm=0 is invalid"),
+        ("adagc", {"beta": 1.5}, "beta=1.5 is invalid"),
+        ("adagc", {"lambda_rel": 0}, "lambda_rel=0 is invalid"),
+        ("adagc", {"warmup_steps": 2.5}, "warmup_steps=2.5 is invalid"),
+        ("norm", {"schedule": "step"}, "schedule='step' is invalid for method='norm': expected one of 'constant'"),
+        ("norm", {"schedule_steps": 0}, "schedule_steps=0 is invalid"),
+        ("adagc", {"max_norm": 1.0}, "method='adagc' does not take max_norm"),
         ("none", {"clip_value": 1.0}, "'none' takes: no parameters"),
         ("value", {}, "method='value' requires clip_value"),
         ("norm", {"max_norm": 0}, "max_norm=0 is invalid for method='norm': expected a finite number > 0"),

@@ -55,6 +55,9 @@ def test_config_records_the_clipping_setup(wandb_run):
         "clip_factor": 0.05,
         "eps": 0.001,
         "exclude": ["head"],
+        "schedule": "constant",
+        "schedule_steps": 1000,
+        "schedule_factor": 0.1,
         "nonfinite": "skip",
     }
 

@@ -121,6 +121,6 @@ def test_packaged_clipping_configs_from_a_separate_hydra_app(tmp_path):
     )
     result = run([tmp_path / "app.py", "clipping.clip_factor=0.03", "hydra.run.dir=out"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "CALLBACK agc {'clip_factor': 0.03, 'eps': 0.001, 'exclude': ()}" in result.stdout
+    assert "CALLBACK agc {'clip_factor': 0.03, 'eps': 0.001, 'exclude': ()" in result.stdout
     result = run([tmp_path / "app.py", "clipping.clip_factr=0.03", "hydra.run.dir=out"], tmp_path)
     assert result.returncode == 1 and "Key 'clip_factr' not in 'AgcClipping'" in result.stderr
