@@ -124,6 +124,17 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
         ("agc, nonfinite=ignore", "timm adaptive_clip_grad loop", clipper("agc", params, "ignore"), agc_baseline),
         ("agc, nonfinite=skip", "timm adaptive_clip_grad loop", clipper("agc", params, "skip"), agc_baseline),
     ]
+    fixed_norm = clipper("norm", params, "ignore")
+    adaptive = [
+        ("autoclip", "autoclip", {}),
+        ("zclip", "zclip", {"warmup_steps": 1}),
+        ("adagc", "adagc", {"warmup_steps": 1}),
+        ("tensor_norm (AdaGC's operator, fixed)", "tensor_norm", {}),
+        ("norm, cosine schedule", "norm", {"schedule": "cosine"}),
+    ]
+    for label, method, kwargs in adaptive:
+        engine = clipper(method, params, "ignore", **kwargs)
+        cases.append((f"{label}, nonfinite=ignore", "norm, fixed max_norm (ours)", engine, fixed_norm))
     cases += [
         (
             "norm + per-layer stats (logging step)",

@@ -1,0 +1,194 @@
+"""Adaptive thresholds against independent float64 re-computations of their papers' formulas, driven through the
+real clipper over a sequence of global norms with spikes (and NaN/Inf steps, which must not enter any state)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_clip import methods
+from lightning_clip.clipper import Clipper
+from lightning_clip.params import ParamSet
+
+NORMS = [1.0, 1.2, 0.9, 1.1, 8.0, 1.0, 0.95, 1.3, 30.0, 1.05, 0.8, 1.2, 1.1, 5.0, 1.0, 0.9, 1.4, 1.0, 60.0, 1.1]
+WITH_NONFINITE = NORMS[:6] + [math.nan] + NORMS[6:12] + [math.inf] + NORMS[12:]
+
+
+def run_global(method, norms, **params):
+    """Feed each norm as the gradient norm of one parameter; return the norms after clipping."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    policy, operator = methods.build(method, methods.resolve(method, params))
+    clipper = Clipper(policy, operator, ParamSet(["w"], [p]), nonfinite="ignore")
+    out = []
+    for n in norms:
+        p.grad = torch.full((4,), n / 2.0)  # L2 norm n
+        clipper.step()
+        out.append(float(torch.linalg.vector_norm(p.grad)))
+    return out, policy
+
+
+def clip_to(norm, threshold):
+    return norm * min(1.0, threshold / (norm + 1e-6))
+
+
+def autoclip_reference(norms, percentile, window):
+    history, out = [], []
+    for n in norms:
+        if not math.isfinite(n):
+            out.append(n)
+            continue
+        history = (history + [n])[-window:]
+        out.append(clip_to(n, float(np.percentile(np.array(history, dtype=np.float64), percentile))))
+    return out
+
+
+@pytest.mark.parametrize(("percentile", "window"), [(10.0, 1000), (50.0, 5), (100.0, 3)])
+def test_autoclip_matches_numpy_percentile_of_history(percentile, window):
+    ours, policy = run_global("autoclip", WITH_NONFINITE, percentile=percentile, window=window)
+    expected = autoclip_reference(WITH_NONFINITE, percentile, window)
+    finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
+    np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
+    assert torch.isfinite(policy.history[~torch.isnan(policy.history)]).all()
+    assert int(policy.count) == len(finite)
+
+
+def zclip_reference(
+    norms,
+    alpha=0.97,
+    z_thresh=2.5,
+    warmup_steps=25,
+    mode="zscore",
+    clip_option="adaptive_scaling",
+    clip_factor=1.0,
+    max_norm=None,
+    skip_update_on_spike=False,
+    eps=1e-6,
+):
+    """ZClip as the paper's reference code computes it, in float64, non-finite norms left out of all state."""
+    buffer, mean, var, out = [], None, None, []
+    for n in norms:
+        if not math.isfinite(n):
+            out.append(n)
+            continue
+        if mean is None:
+            buffer.append(n)
+            if len(buffer) >= warmup_steps:
+                mean = sum(buffer) / len(buffer)
+                var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
+            out.append(clip_to(n, max_norm) if max_norm is not None else n)
+            continue
+        std = var**0.5
+        clip_val = None
+        if mode == "percentile":
+            if n > mean + z_thresh * std:
+                clip_val = mean + z_thresh * std
+        else:
+            z = (n - mean) / (std + eps)
+            if z > z_thresh:
+                clip_val = mean if clip_option == "mean" else (mean + z_thresh * std / (z / z_thresh)) * clip_factor
+        effective = clip_val if clip_val is not None else math.inf
+        if max_norm is not None:
+            effective = min(effective, max_norm)
+        out.append(clip_to(n, effective))
+        if clip_val is not None and skip_update_on_spike:
+            continue
+        value = clip_val if clip_val is not None else n
+        mean = alpha * mean + (1 - alpha) * value
+        var = alpha * var + (1 - alpha) * (value - mean) ** 2
+    return out, mean, var
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"warmup_steps": 4},
+        {"warmup_steps": 1},
+        {"warmup_steps": 4, "clip_option": "mean"},
+        {"warmup_steps": 4, "mode": "percentile", "z_thresh": 1.5},
+        {"warmup_steps": 4, "clip_factor": 0.7, "alpha": 0.9},
+        {"warmup_steps": 4, "max_norm": 2.0},
+        {"warmup_steps": 4, "skip_update_on_spike": True},
+        {"warmup_steps": 25},  # warmup longer than the spikes: nothing adaptive happens
+    ],
+)
+def test_zclip_matches_reference_code_in_float64(params):
+    ours, policy = run_global("zclip", WITH_NONFINITE, **params)
+    expected, mean, var = zclip_reference(WITH_NONFINITE, **params)
+    finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
+    np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
+    if mean is not None:
+        assert float(policy.mean) == pytest.approx(mean, rel=1e-5)
+        assert float(policy.var) == pytest.approx(var, rel=1e-4)
+    clipped = sum(o < n * (1 - 1e-4) for o, n in zip(ours, WITH_NONFINITE) if math.isfinite(n))
+    if params.get("warmup_steps") == 4 and "max_norm" not in params:
+        assert clipped >= 2  # the spikes at 30 and 60 are clipped
+
+
+def adagc_reference(grad_norms, beta, lambda_rel, lambda_abs, warmup_steps):
+    """AdaGC (Wang et al. 2025, Algorithm 1) in float64; each row of ``grad_norms`` is one step's per-tensor norms."""
+    gamma = [math.inf] * len(grad_norms[0])
+    out, step = [], 0
+    for norms in grad_norms:
+        if not all(math.isfinite(n) for n in norms):
+            out.append(None)
+            continue
+        if step < warmup_steps:
+            total = math.sqrt(sum(n * n for n in norms))
+            coef = min(1.0, lambda_abs / (total + 1e-6))
+            clipped = [n * coef for n in norms]
+            gamma = [min(g, c) for g, c in zip(gamma, clipped)]
+        else:
+            clipped = [n * min(1.0, lambda_rel * g / (n + 1e-6)) for n, g in zip(norms, gamma)]
+            gamma = [beta * g + (1 - beta) * c for g, c in zip(gamma, clipped)]
+        out.append(clipped)
+        step += 1
+    return out, gamma
+
+
+def test_adagc_matches_algorithm_in_float64():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (6,), (3, 3, 2)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    policy, operator = methods.build("adagc", methods.resolve("adagc", {"warmup_steps": 5, "lambda_abs": 2.0}))
+    clipper = Clipper(policy, operator, ParamSet(["a", "b", "c"], params), nonfinite="ignore")
+    steps, ours = [], []
+    for t in range(30):
+        scale = 40.0 if t in (12, 20) else 1.0
+        grads = [torch.randn(s, generator=gen) * scale for s in shapes]
+        if t == 15:
+            grads[1][0] = math.nan  # a non-finite step: no state change
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        clipper.step()
+        steps.append([float(g.double().norm()) for g in grads])
+        ours.append([float(p.grad.double().norm()) for p in params])
+    expected, gamma = adagc_reference(steps, 0.98, 1.05, 2.0, 5)
+    for t, (o, e) in enumerate(zip(ours, expected)):
+        if e is not None:
+            np.testing.assert_allclose(o, e, rtol=1e-5, err_msg=f"step {t}")
+    np.testing.assert_allclose(policy.gamma.double().numpy(), gamma, rtol=1e-5)
+    assert int(policy.count) == 29
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [2.0, 2.0, 2.0, 2.0, 2.0]),
+        ("linear", [0.2, 0.65, 1.1, 1.55, 2.0]),
+        ("cosine", [2.0, 2.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))), 1.1, None, 0.2]),
+    ],
+)
+def test_scheduled_thresholds(schedule, expected):
+    ours, _ = run_global("norm", [100.0] * 6, max_norm=2.0, schedule=schedule, schedule_steps=4)
+    for step, value in enumerate(expected):
+        if value is not None:
+            assert ours[step] == pytest.approx(value, rel=1e-5)
+    assert ours[5] == pytest.approx(expected[-1], rel=1e-5)  # the end value holds
+
+
+def test_first_step_and_only_nonfinite_steps():
+    ours, policy = run_global("autoclip", [math.inf, 5.0])
+    assert ours[1] == pytest.approx(5.0, rel=1e-5)  # the history is its own norm: nothing to clip
+    ours, policy = run_global("zclip", [math.nan] * 3, warmup_steps=2)
+    assert int(policy.count) == 0 and float(policy.mean) == 0.0
