@@ -176,9 +176,12 @@ class Clipper:
         bad = [name for name, g in zip(layout.names, grads) if not bool(torch.isfinite(g).all())]
         if bad:
             listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        else:  # every element is finite, but the norm overflowed: count it as non-finite too
-            largest = max(float(tensor_norms(layout, grads, math.inf).max()), 0.0)
-            listed = f"none of the tensors (their norm overflowed float32; largest |gradient| {largest:.3g})"
+        else:  # every local element is finite: the norm overflowed, or (sharded) another rank holds the NaN/Inf
+            largest = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0)  # local: no collective
+            listed = (
+                "none of this rank's tensors (the norm overflowed float32, or another rank's shard holds NaN/Inf; "
+                f"largest |gradient| here {largest:.3g})"
+            )
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradients (NaN/Inf) at optimizer step {self.steps} in: {listed}. "

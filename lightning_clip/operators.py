@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip.params import Layout, matches_any
+from lightning_clip.sharding import local
 
 Threshold = float | Tensor
 
@@ -33,7 +34,8 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
     """The ``norm_type``-norm of every tensor, in layout order, as one 1-D tensor: one foreach kernel per run.
 
     The inf-norm (largest absolute value) is taken with ``aminmax``, one pass per tensor: on CPU it runs several
-    times faster than ``_foreach_norm(ord=inf)``, and NaN propagates through it the same way."""
+    times faster than ``_foreach_norm(ord=inf)``, and NaN propagates through it the same way. For sharded (DTensor)
+    parameters, ``grads`` are local shards and one collective turns their norms into those of the full tensors."""
     per_run = []
     for _, run in layout.groups:
         tensors = grads[run]
@@ -41,7 +43,8 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
             per_run.append(_max_abs(tensors).to(_norm_dtype(tensors[0]) or tensors[0].dtype))
         else:
             per_run.append(torch.stack(torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(tensors[0]))))
-    return _concat(per_run)
+    norms = _concat(per_run)
+    return norms if layout.reducer is None else layout.reducer.norms(norms, norm_type)
 
 
 def _max_abs(tensors: list[Tensor]) -> Tensor:
@@ -204,10 +207,15 @@ class UnitwiseClip(ClipOperator):
             elif p.ndim <= 1:
                 vectors.append(position)
             else:
+                if layout.reducer is not None and not layout.reducer.row_local[i]:
+                    raise ValueError(
+                        f"agc: {layout.names[i]} is sharded along a dimension other than 0, so its unit norms are "
+                        "split across ranks; shard it on dim 0 (as fully_shard does) or exclude it"
+                    )
                 by_rank.setdefault(p.ndim, []).append(position)
         groups = []
         for rank, positions in by_rank.items():
-            units = [layout.params[run.start + k].shape[0] for k in positions]
+            units = [local(layout.params[run.start + k]).shape[0] for k in positions]
             owner = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor(units)).to(device)
             groups.append(_UnitGroup(positions, units, tuple(range(1, rank)), owner))
         order = vectors + [k for g in groups for k in g.positions] + excluded
@@ -229,13 +237,17 @@ class UnitwiseClip(ClipOperator):
         return columns
 
     def measure(self, layout, grads) -> Measured:
-        per_run, unit_norms = [], []
+        """Unit norms of gradients and parameters (kept for ``apply``: parameters do not change in between) and
+        per-tensor L2 norms. Sharded: one collective turns the local sums of 1-D tensors and of the per-tensor
+        totals into full ones (rows of tensors sharded on dim 0 are whole on each rank)."""
+        per_run, extra = [], []
+        params = layout.local_params()
         for (_, run), split in zip(layout.groups, self._runs(layout)):
             run_grads = grads[run]
-            columns = self._unit_norms(run_grads, split)
-            unit_norms.append(columns)
-            parts = columns[:1] if split.vectors else []
-            for group, column in zip(split.groups, columns[len(parts) :]):
+            grad_columns = self._unit_norms(run_grads, split)
+            param_columns = self._unit_norms(params[run], split)
+            parts = grad_columns[:1] if split.vectors else []
+            for group, column in zip(split.groups, grad_columns[len(parts) :]):
                 squares = column.reshape(-1).square()
                 sums = squares.new_zeros(len(group.positions)).index_add_(0, group.owner, squares)
                 parts.append(sums.sqrt())
@@ -243,26 +255,44 @@ class UnitwiseClip(ClipOperator):
                 excluded = [run_grads[k] for k in split.excluded]
                 parts.append(torch.stack(torch._foreach_norm(excluded, 2, dtype=_norm_dtype(excluded[0]))))
             ordered = torch.cat(parts)
+            if layout.reducer is not None:
+                ordered = self._reduce(layout, run, split, grad_columns, param_columns, ordered)
             norms = torch.empty_like(ordered)
             norms[split.order] = ordered
             per_run.append(norms)
+            extra.append((grad_columns, param_columns))
         norms = _concat(per_run)
-        return Measured(norms, total_norm(norms, 2.0), 2.0, extra=unit_norms)
+        return Measured(norms, total_norm(norms, 2.0), 2.0, extra=extra)
+
+    @staticmethod
+    def _reduce(layout, run, split, grad_columns, param_columns, ordered) -> Tensor:
+        weights = layout.reducer.weights[run]
+        vector_weights = weights[split.vectors] if split.vectors else weights[:0]
+        squares = [ordered.square()]
+        if split.vectors:
+            squares = [grad_columns[0].square(), param_columns[0].square(), *squares]
+        reduced = layout.reducer.sum(
+            torch.cat(squares), torch.cat([vector_weights, vector_weights, weights[split.order.cpu()]])
+        )
+        if split.vectors:
+            count = len(split.vectors)
+            grad_columns[0], param_columns[0] = reduced[:count].sqrt(), reduced[count : 2 * count].sqrt()
+            reduced = reduced[2 * count :]
+        return reduced.sqrt()
 
     def apply(self, layout, grads, measured, threshold) -> Applied:
         assert measured is not None
         smallest = []
-        for (_, run), split, grad_columns in zip(layout.groups, self._runs(layout), measured.extra):
+        for (_, run), split, (grad_columns, param_columns) in zip(layout.groups, self._runs(layout), measured.extra):
             if not grad_columns:
                 continue
-            run_grads, run_params = grads[run], [p.detach() for p in layout.params[run]]
-            param_columns = self._unit_norms(run_params, split)
+            run_grads = grads[run]
             targets = ([[run_grads[k] for k in split.vectors]] if split.vectors else []) + [
                 [run_grads[k] for k in group.positions] for group in split.groups
             ]
             pieces = ([None] if split.vectors else []) + [group.units for group in split.groups]
             for grad_norms, param_norms, tensors, units in zip(grad_columns, param_columns, targets, pieces):
-                limits = param_norms.clamp_min_(self.eps).mul_(threshold)
+                limits = param_norms.clamp_min(self.eps).mul_(threshold)
                 scales = limits.div_(grad_norms.clamp_min(NORM_EPS)).clamp_max_(1.0)
                 torch._foreach_mul_(tensors, scales.unbind(0) if units is None else scales.split(units))
                 smallest.append(scales.min())

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_clip.sharding import ShardReducer, is_sharded, local
+
 _WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module"})
 
 
@@ -64,13 +66,14 @@ class Layout:
     params: list[Tensor]
     groups: list[tuple[torch.device, slice]]
     indices: list[int]
+    reducer: ShardReducer | None = None
     cache: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, names: Sequence[str], params: Sequence[Tensor], indices: Sequence[int] | None = None) -> Layout:
         runs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
-            grad = p.grad if p.grad is not None else p
+            grad = local(p.grad if p.grad is not None else p)
             runs.setdefault((grad.device, grad.dtype), []).append(i)
         order = [i for members in runs.values() for i in members]
         groups, start = [], 0
@@ -78,10 +81,20 @@ class Layout:
             groups.append((device, slice(start, start + len(members))))
             start += len(members)
         indices = list(range(len(params))) if indices is None else list(indices)
-        return cls([names[i] for i in order], [params[i] for i in order], groups, [indices[i] for i in order])
+        names, params = [names[i] for i in order], [params[i] for i in order]
+        reducer = ShardReducer(names, params) if is_sharded(params) else None
+        return cls(names, params, groups, [indices[i] for i in order], reducer)
 
     def grads(self) -> list[Tensor]:
-        return [p.grad for p in self.params]  # type: ignore[misc]
+        """The gradients as plain tensors: for DTensor parameters their local shards (in-place changes to them
+        change the DTensor gradients)."""
+        if self.reducer is None:
+            return [p.grad for p in self.params]  # type: ignore[misc]
+        return [local(p.grad) for p in self.params]  # type: ignore[arg-type]
+
+    def local_params(self) -> list[Tensor]:
+        """The parameters, detached, as plain tensors (local shards of DTensors)."""
+        return [local(p).detach() for p in self.params]
 
     def __len__(self) -> int:
         return len(self.params)

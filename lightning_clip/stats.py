@@ -114,6 +114,8 @@ class LayerStats:
                 bin_of = ((scaled + 1.0) * (self.bins / 2)).floor_().clamp_(0, self.bins - 1).long()
                 counts.append(torch.bincount(bin_of, minlength=self.bins))
             per_tensor = torch.stack(counts).to(layer_max.dtype)
+            if layout.reducer is not None:  # counts of every rank's shard, replicated data counted once
+                per_tensor = layout.reducer.sum(per_tensor, layout.reducer.weights[index.positions.cpu()])
             hist = per_tensor.new_zeros(len(index.layers), self.bins).index_add_(0, index.layer_of, per_tensor)
             before["grad_hist"] = hist
         return before
@@ -123,8 +125,7 @@ class LayerStats:
         ``grad_nonfinite`` (1.0 where a tensor of the layer held NaN/Inf), ``grad_max`` when measured, and
         ``grad_hist`` (layers x bins, over ``[-grad_max, grad_max]``) on histogram steps."""
         index = self.index(layout, grad_norms.device)
-        params = [p.detach() for p in layout.params]
-        param_norms = tensor_norms(layout, params, 2.0).to(grad_norms)
+        param_norms = tensor_norms(layout, layout.local_params(), 2.0).to(grad_norms)
         grad_norm = index.l2(grad_norms)
         param_norm = index.l2(param_norms)
         stats = {

@@ -1,0 +1,84 @@
+"""2-process runs (DDP and FSDP2 on CPU, gloo) against a single-process run of the same global batch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.plugins import MixedPrecision
+
+from lightning_clip import GradientClipping
+from models import TinyModule, loader, trainer
+
+SCRIPT = Path(__file__).with_name("parity.py")
+sys.path.insert(0, str(SCRIPT.parent))
+from parity import METHODS  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+
+def launch(tmp_path, *args):
+    out = tmp_path / "out.pt"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *args[:2], str(out), *args[2:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out, weights_only=False)
+
+
+def single_process(method, precision="32-true", nan_at_step=None):
+    clipping = GradientClipping(method, log_every_n_steps=2, **METHODS[method])
+    model = TinyModule(nan_at_step=nan_at_step)
+    plugins = []
+    if precision == "16-mixed":
+        plugins, precision = (
+            [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))],
+            None,
+        )
+    trainer(callbacks=[clipping], precision=precision, plugins=plugins).fit(model, loader())
+    return dict(model.named_parameters()), clipping
+
+
+def assert_matches(result, method, precision="32-true", rtol=1e-5, atol=1e-6, nan_at_step=None):
+    params, clipping = single_process(method, precision, nan_at_step)
+    for name, value in result["params"].items():
+        torch.testing.assert_close(value, params[name].detach(), rtol=rtol, atol=atol, msg=f"{method} {name}")
+    for key, value in clipping.last_metrics.items():
+        if key.startswith(("grad/", "grad_norm/", "param_norm/", "grad_ratio/", "clip/threshold")):
+            assert result["metrics"][key] == pytest.approx(value, rel=rtol * 10, abs=atol), (method, key)
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp2"])
+def fp32_run(request, tmp_path_factory):
+    return launch(tmp_path_factory.mktemp(request.param), request.param, "32-true")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_fp32_matches_single_process(fp32_run, method):
+    assert_matches(fp32_run[method], method)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_bf16_mixed_matches_single_process(tmp_path, strategy):
+    results = launch(tmp_path, strategy, "bf16-mixed")
+    for method in ("norm", "agc", "zclip", "adagc"):
+        assert_matches(results[method], method, "bf16-mixed", rtol=2e-2, atol=2e-2)
+
+
+def test_ddp_fp16_with_grad_scaler_matches_single_process(tmp_path):
+    results = launch(tmp_path, "ddp", "16-mixed")
+    for method in ("norm", "value", "autoclip"):
+        assert_matches(results[method], method, "16-mixed", rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_nan_in_one_ranks_shard_makes_every_rank_skip(tmp_path, strategy):
+    results = launch(tmp_path, strategy, "32-true", "nan")
+    for method in ("norm", "zclip"):
+        assert results[method]["skipped_per_rank"] == [1.0, 1.0]
+        assert_matches(results[method], method, nan_at_step=2)
