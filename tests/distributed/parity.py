@@ -1,11 +1,14 @@
 """A 2-process run (gloo on CPU) of every clipping method, launched by tests/distributed/test_parity.py.
 
-    python parity.py <ddp|fsdp2> <precision> <out.pt> [nan]
+    python parity.py <ddp|fsdp2> <precision> <out.pt> [nan|resume]
 
 Lightning's launchers re-execute this script for rank 1, so all methods run inside one launch, one fit each.
 Rank 0 saves, per method, the full final parameters and the callback's last metrics to ``out.pt``; with ``nan``,
 rank 1 puts a NaN into its loss at step 2 (DDP: the all-reduce carries it to every rank) or, under FSDP2, into
-its local gradient shard only.
+its local gradient shard only. With ``resume``, adaptive methods are trained 2 epochs straight and 1 + 1 epochs
+through a checkpoint written by the 2-process run.
+
+Each method's collectives issued inside GradientClipping's hook are counted per optimizer step.
 """
 
 import sys
@@ -20,6 +23,28 @@ from torch.utils.data.distributed import DistributedSampler
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from lightning_clip import GradientClipping  # noqa: E402
+
+COLLECTIVES: list[int] = []
+
+
+class CountingClipping(GradientClipping):
+    """GradientClipping that counts the all-reduces its hook issues, per optimizer step."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        original, calls = torch.distributed.all_reduce, []
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return original(*args, **kwargs)
+
+        torch.distributed.all_reduce = counted
+        try:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        finally:
+            torch.distributed.all_reduce = original
+        COLLECTIVES.append(len(calls))
+
+
 from models import TinyModule, dataset  # noqa: E402
 
 METHODS = {
@@ -69,46 +94,61 @@ def full(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None, ckpt_path=None):
+    fsdp2 = strategy_name == "fsdp2"
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if fsdp2 else "ddp"
+    plugins = []
+    if precision == "16-mixed":
+        plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
+        precision = None
+    clipping = CountingClipping(method, log_every_n_steps=2, **params)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        precision=precision,
+        plugins=plugins,
+        max_epochs=epochs,
+        callbacks=[clipping],
+        use_distributed_sampler=False,
+        logger=False,
+        enable_checkpointing=root is not None,
+        default_root_dir=root,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = Sharded(fsdp2, nan_rank=1 if nan else None)
+    COLLECTIVES.clear()
+    trainer.fit(model, ckpt_path=ckpt_path)
+    states = [None, None]
+    torch.distributed.all_gather_object(states, clipping.state_dict())
+    skipped = [None, None]
+    torch.distributed.all_gather_object(skipped, clipping.skipped_steps)
+    return {
+        "params": {name: full(p.detach()).clone() for name, p in model.named_parameters()},
+        "metrics": dict(clipping.last_metrics),
+        "skipped_per_rank": skipped,
+        "states_per_rank": states,
+        "collectives": list(COLLECTIVES),
+        "checkpoint": trainer.checkpoint_callback.best_model_path if root else None,
+    }
+
+
 def main():
     strategy_name, precision, out = sys.argv[1], sys.argv[2], sys.argv[3]
-    inject = len(sys.argv) > 4 and sys.argv[4] == "nan"
-    methods = {"norm": METHODS["norm"], "zclip": METHODS["zclip"]} if inject else METHODS
+    mode = sys.argv[4] if len(sys.argv) > 4 else ""
     results = {}
-    for method, params in methods.items():
-        fsdp2 = strategy_name == "fsdp2"
-        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if fsdp2 else "ddp"
-        plugins = []
-        if precision == "16-mixed":
-            plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
-            precision = None
-        clipping = GradientClipping(method, log_every_n_steps=2, **params)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=2,
-            strategy=strategy,
-            precision=precision,
-            plugins=plugins,
-            max_epochs=1,
-            callbacks=[clipping],
-            use_distributed_sampler=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
-        model = Sharded(fsdp2, nan_rank=1 if inject else None)
-        trainer.fit(model)
-        params_full = {name: full(p.detach()).clone() for name, p in model.named_parameters()}
-        skipped = torch.tensor([float(clipping.skipped_steps)])
-        gathered = [torch.zeros(1), torch.zeros(1)]
-        torch.distributed.all_gather(gathered, skipped)
-        results[method] = {
-            "params": params_full,
-            "metrics": dict(clipping.last_metrics),
-            "skipped_per_rank": [float(s) for s in gathered],
-            "states": clipping.state_dict(),
-        }
-        precision = sys.argv[2]
+    if mode == "resume":
+        root = Path(out).parent
+        for method in ("autoclip", "zclip", "adagc"):
+            straight = fit(strategy_name, precision, method, METHODS[method], epochs=2)
+            first = fit(strategy_name, precision, method, METHODS[method], epochs=1, root=str(root / method))
+            resumed = fit(strategy_name, precision, method, METHODS[method], epochs=2, ckpt_path=first["checkpoint"])
+            results[method] = {"straight": straight, "resumed": resumed}
+    else:
+        methods = {"norm": METHODS["norm"], "zclip": METHODS["zclip"]} if mode == "nan" else METHODS
+        for method, params in methods.items():
+            results[method] = fit(strategy_name, precision, method, params, nan=mode == "nan")
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
 

@@ -18,6 +18,18 @@ from parity import METHODS  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 
+def assert_same_state(a, b, where=""):
+    """Exact equality of nested checkpoint states (tensors bitwise, NaN equal to NaN)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, torch.Tensor):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, equal_nan=True, msg=where)
+    else:
+        assert a == b, where
+
+
 def launch(tmp_path, *args):
     out = tmp_path / "out.pt"
     result = subprocess.run(
@@ -63,6 +75,24 @@ def test_fp32_matches_single_process(fp32_run, method):
     assert_matches(fp32_run[method], method)
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_state_is_identical_on_every_rank(fp32_run, method):
+    rank0, rank1 = fp32_run[method]["states_per_rank"]
+    assert_same_state(rank0, rank1)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_collectives_per_step(fp32_run, method, request):
+    """DDP: none (gradients are already all-reduced). FSDP2: one per step for every method that measures (value
+    clipping with the NaN check measures its max too), more only on recording steps (statistics)."""
+    counts = fp32_run[method]["collectives"]
+    non_recording = counts[0::2]  # steps 1 and 3; steps 2 and 4 record
+    strategy = request.node.callspec.params["fp32_run"]
+    assert non_recording == ([0, 0] if strategy == "ddp" else [1, 1])
+    if strategy == "fsdp2":
+        assert all(c >= 1 for c in counts[1::2])
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_bf16_mixed_matches_single_process(tmp_path, strategy):
     results = launch(tmp_path, strategy, "bf16-mixed")
@@ -82,3 +112,13 @@ def test_nan_in_one_ranks_shard_makes_every_rank_skip(tmp_path, strategy):
     for method in ("norm", "zclip"):
         assert results[method]["skipped_per_rank"] == [1.0, 1.0]
         assert_matches(results[method], method, nan_at_step=2)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_resume_from_a_two_process_checkpoint_is_exact(tmp_path, strategy):
+    results = launch(tmp_path, strategy, "32-true", "resume")
+    for method, runs in results.items():
+        for name, value in runs["straight"]["params"].items():
+            assert torch.equal(value, runs["resumed"]["params"][name]), (method, name)
+        for straight, resumed in zip(runs["straight"]["states_per_rank"], runs["resumed"]["states_per_rank"]):
+            assert_same_state(straight, resumed, method)
