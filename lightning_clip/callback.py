@@ -184,6 +184,12 @@ class GradientClipping(Callback):
                 "(double clipping): remove gradient_clip_val from the Trainer and set the limit on "
                 "GradientClipping instead, e.g. GradientClipping(method='norm', max_norm=...)."
             )
+        if type(trainer.strategy).__name__ == "FSDPStrategy":
+            raise ClippingConfigError(
+                "GradientClipping does not support FSDPStrategy (FSDP1) yet: its flat-parameter shards are not "
+                "measured exactly. Use ModelParallelStrategy with fully_shard (FSDP2), whose DTensor gradients "
+                "are clipped exactly with one collective per step."
+            )
         if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
             raise ClippingConfigError(
                 "GradientClipping does not support DeepSpeed, which clips inside its engine: use DeepSpeed's own "

@@ -203,3 +203,12 @@ def test_no_warning_noise_in_plain_run():
         warnings.simplefilter("always")
         trainer(callbacks=[GradientClipping("agc")]).fit(TinyModule(), loader())
     assert not [w for w in caught if "lightning_clip" in str(w.filename) or "GradientClipping" in str(w.message)]
+
+
+@pytest.mark.cuda
+def test_fsdp1_is_refused_before_training():
+    import lightning.pytorch as pl
+
+    run = pl.Trainer(accelerator="cuda", devices=1, strategy="fsdp", callbacks=[GradientClipping("norm")], max_steps=1)
+    with pytest.raises(ClippingConfigError, match="does not support FSDPStrategy"):
+        run.fit(TinyModule(), loader())

@@ -63,6 +63,17 @@ class TanhRNN(pl.LightningModule):
             self.rnn.weight_hh_l0.copy_(weight)
         self.head = torch.nn.Linear(hidden, 1)
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` (``trainer=fsdp2``), shard the model with FSDP2 over the data-parallel
+        mesh; otherwise nothing to do."""
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(self.head, mesh=mesh["data_parallel"])
+        fully_shard(self, mesh=mesh["data_parallel"])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)
         return self.head(out[:, -1])

@@ -53,8 +53,9 @@ def test_csv_logger_and_report_script(tmp_path):
 
 
 @pytest.mark.distributed
-def test_ddp_two_processes_write_one_output_dir_and_one_wandb_run(tmp_path):
-    result = run([TRAIN, "trainer=ddp", "trainer.devices=2", *FAST], tmp_path, timeout=600)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_two_processes_write_one_output_dir_and_one_wandb_run(tmp_path, strategy):
+    result = run([TRAIN, f"trainer={strategy}", "trainer.devices=2", *FAST], tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("--- lightning_clip run summary ---") == 1
     output = only(tmp_path.glob("outputs/*/*"))
