@@ -3,6 +3,7 @@
     python scripts/benchmark.py                 # both models, 2 threads, markdown table on stdout
     python scripts/benchmark.py --repeats 30 --threads 1
     python scripts/benchmark.py --training      # Lightning runs: per-layer statistics vs wandb.watch / grad_norm
+    python scripts/benchmark.py --fsdp2         # 2 processes (gloo): sharded norm vs clip_grad_norm_ on DTensors
 
 Each row times our engine (``Clipper.step``, what ``GradientClipping`` runs in ``on_before_optimizer_step``) and its
 baseline on the same gradients, alternating which goes first, and reports median(ours) / median(baseline). Ratios,
@@ -39,7 +40,7 @@ def refill(params: list[torch.nn.Parameter], generator: torch.Generator) -> None
     for p in params:
         if p.grad is None:
             p.grad = torch.empty_like(p)
-        p.grad.normal_(generator=generator)
+        getattr(p.grad, "_local_tensor", p.grad).normal_(generator=generator)  # a DTensor's local shard
 
 
 def names(params) -> list[str]:
@@ -246,17 +247,79 @@ def training_table(steps: int, rounds: int) -> None:
         print(f"| {v} | {1 + overhead[v]:.2f} | {overhead[v] / max(overhead['lightning_clip'], 1e-3):.1f} |")
 
 
+def count_collectives(fn) -> int:
+    """How many collectives one call of ``fn`` issues, from the profiler's gloo events (nested calls included,
+    e.g. DTensor's own redistribution)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    return sum(1 for event in prof.events() if event.name.startswith("gloo:"))
+
+
+def fsdp2_worker(rank: int, port: int, repeats: int, threads: int, results) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(threads)
+    mesh = init_device_mesh("cpu", (2,))
+    model = Stack(layers=50, width=500)
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model(torch.randn(4, 500)).square().mean().backward()
+    params = list(model.parameters())
+    ours = clipper("norm", params, "ignore")
+
+    def baseline():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+
+    counts = {name: count_collectives(fn) for name, fn in (("ours", ours), ("baseline", baseline))}
+    ratio = time_pair(ours, baseline, params, repeats)
+    if rank == 0:
+        results.update(ratio=ratio, **{f"collectives_{k}": v for k, v in counts.items()})
+    dist.destroy_process_group()
+
+
+def fsdp2_table(repeats: int, threads: int) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(fsdp2_worker, args=(port, repeats, threads, results), nprocs=2)
+    print("FSDP2 (fully_shard, 2 processes, gloo, 50 x Linear(500, 500), 12.5M params), one clipping step:")
+    print()
+    print("| | ours (norm, nonfinite=ignore) | clip_grad_norm_(foreach=True) |")
+    print("|---|---|---|")
+    print(f"| time / clip_grad_norm_ | {results['ratio']:.2f} | 1.00 |")
+    print(f"| collectives per step | {results['collectives_ours']} | {results['collectives_baseline']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--training", action="store_true", help="time Lightning runs instead of clipping alone")
+    parser.add_argument("--fsdp2", action="store_true", help="time clipping of FSDP2 (DTensor) gradients")
     parser.add_argument("--steps", type=int, default=60, help="with --training: steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="with --training: runs per variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.training:
         training_table(args.steps, args.rounds)
+        return
+    if args.fsdp2:
+        fsdp2_table(args.repeats, args.threads)
         return
     results = {name: rows(make_model(*shape), args.repeats) for name, shape in MODELS.items()}
     names = list(results)
