@@ -339,7 +339,7 @@ class GradientClipping(Callback):
             metrics["clip/threshold"] = threshold_value
         if record.judged_steps:
             metrics["clip/rate"] = clipped_steps / record.judged_steps
-        self.largest_grad_norm = max(self.largest_grad_norm, norm)
+        self.largest_grad_norm = max(self.largest_grad_norm, norm) if math.isfinite(norm) else math.inf
         self.clipped_steps += clipped_steps
         self.judged_steps += record.judged_steps
         metrics = {key + suffix: value for key, value in metrics.items()}

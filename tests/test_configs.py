@@ -53,6 +53,9 @@ def test_trainer_and_logger_groups():
     assert trainer.max_steps == 3 and trainer.precision == "bf16-mixed"
     assert composed("logger=none").logger in (None, {})
     assert composed("experiment=adding_agc").clipping.method == "agc"
+    cfg = composed("model=mlp", "data=digits")
+    assert type(instantiate(cfg.model)).__name__ == "DeepMLP"
+    assert type(instantiate(cfg.data)).__name__ == "DigitsDataModule"
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,78 @@
+"""A deep fully connected network without normalisation layers on scikit-learn's bundled digits (1797 8x8 images,
+10 classes; shipped inside the package, nothing downloaded), trained at a high learning rate: its gradients explode
+without clipping."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def digits(seed: int = 0, val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    cut = int(len(x) * (1 - val_fraction))
+    train, val = order[:cut], order[cut:]
+    return TensorDataset(x[train], y[train]), TensorDataset(x[val], y[val])
+
+
+class DigitsDataModule(pl.LightningDataModule):
+    def __init__(self, batch_size: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size, self.seed = batch_size, seed
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set, self.val_set = digits(self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
+
+
+class DeepMLP(pl.LightningModule):
+    """``depth`` Linear+ReLU layers of ``width`` units, no normalisation, SGD with momentum at a high rate. Weights
+    start at ``init_gain`` times He initialisation, so activations and gradients grow with depth (by about
+    ``init_gain ** depth``)."""
+
+    def __init__(
+        self, depth: int = 12, width: int = 128, lr: float = 0.05, init_gain: float = 1.3, seed: int = 0
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(seed)
+        layers, features = [], 64
+        for _ in range(depth):
+            linear = torch.nn.Linear(features, width)
+            torch.nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
+            linear.weight.data *= init_gain
+            torch.nn.init.zeros_(linear.bias)
+            layers += [linear, torch.nn.ReLU()]
+            features = width
+        self.body = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", torch.nn.functional.cross_entropy(logits, y))
+        self.log("val/accuracy", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)

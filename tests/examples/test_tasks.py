@@ -1,0 +1,60 @@
+"""The example tasks really explode without clipping at their default (high) learning rate, on a fixed seed, and
+train with clipping: the ground the demo and the study stand on."""
+
+import math
+
+import lightning.pytorch as pl
+import pytest
+
+from lightning_clip import GradientClipping
+from lightning_clip.examples.adding import AddingDataModule, TanhRNN
+from lightning_clip.examples.digits import DeepMLP, DigitsDataModule
+
+TASKS = {
+    "adding": (lambda: TanhRNN(), lambda: AddingDataModule(length=100, train_samples=2048), 150),
+    "digits": (lambda: DeepMLP(), lambda: DigitsDataModule(), 150),
+}
+
+
+class FirstLoss(pl.Callback):
+    def __init__(self):
+        self.first = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.first is None:
+            self.first = float(outputs["loss"])
+
+
+def train(task, method, **params):
+    model_fn, data_fn, steps = TASKS[task]
+    first = FirstLoss()
+    clipping = GradientClipping(method, nonfinite="ignore", log_every_n_steps=10, **params)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=steps,
+        callbacks=[clipping, first],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    pl.seed_everything(0, verbose=False)
+    trainer.fit(model_fn(), data_fn())
+    return float(trainer.callback_metrics["train/loss"]), first.first, clipping
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_diverges_without_clipping(task):
+    final, first, clipping = train(task, "none")
+    assert not math.isfinite(final) or final > 3 * first
+    assert clipping.largest_grad_norm > 100 or clipping.largest_grad_norm == math.inf
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_norm_clipping_keeps_it_from_diverging(task):
+    final, first, clipping = train(task, "norm", max_norm=1.0)
+    assert math.isfinite(final) and final < 3 * first
+    assert clipping.clipped_steps > 0
+    if task == "digits":  # and learns (the adding problem needs far more steps than this test takes)
+        assert final < first / 2
