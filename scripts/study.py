@@ -1,0 +1,34 @@
+"""Which clipping works, measured: tasks x clipping configurations x seeds, one Hydra multirun job per cell.
+
+    python scripts/study.py --quick      # 2 tasks x 4 configurations x 1 seed, 150 steps: a few minutes on 2 cores
+    python scripts/study.py -m task=adding,digits 'cell=range(0,14)' seed=0,1,2    # the full grid (conf/grid/full)
+
+Each job writes result.json; the sweep ends with results.md / results.csv / results.png in studies/<time>/.
+Every configuration runs with nonfinite="ignore", so only the clipping differs: a run that explodes is recorded as
+diverged (and stopped early), not skipped.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from lightning_clip.study import run_cell
+
+QUICK = ["-m", "task=adding,digits", "grid=quick", "cell=0,1,2,3", "seed=0", "task.steps=150"]
+
+
+@hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="study")
+def main(cfg: DictConfig) -> float:
+    torch.set_num_threads(cfg.threads)
+    result = run_cell(cfg, Path(HydraConfig.get().runtime.output_dir))
+    return result["final_loss"]
+
+
+if __name__ == "__main__":
+    if "--quick" in sys.argv:
+        sys.argv = [sys.argv[0], *QUICK, *(a for a in sys.argv[1:] if a != "--quick")]
+    main()
