@@ -52,7 +52,9 @@ class TanhRNN(pl.LightningModule):
     recurrent weights at initialisation: above 1, gradients through long sequences explode (Pascanu et al. 2013,
     section 3)."""
 
-    def __init__(self, hidden: int = 64, lr: float = 0.1, recurrent_scale: float = 1.5, seed: int = 0) -> None:
+    def __init__(
+        self, hidden: int = 64, lr: float = 0.1, recurrent_scale: float = 1.5, momentum: float = 0.9, seed: int = 0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
@@ -89,4 +91,4 @@ class TanhRNN(pl.LightningModule):
         self.log("val/loss", torch.nn.functional.mse_loss(self(x), y), prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
