@@ -29,10 +29,10 @@ THRESHOLD_OF = {"norm": "max_norm", "value": "clip_value", "tensor_norm": "max_n
 class DivergenceStop(pl.Callback):
     """Stops a run as soon as it diverges: a non-finite loss, or the mean of the last ``window`` losses above
     ``factor`` times the mean of the first ``window`` (single losses are too noisy to judge). Also records the
-    losses and the time per step (from the ``window``-th step on, past start-up)."""
+    losses and the time per step (from the ``warmup``-th step on, past start-up)."""
 
-    def __init__(self, factor: float, window: int = 10) -> None:
-        self.factor, self.window = factor, window
+    def __init__(self, factor: float, window: int = 10, warmup: int = 2) -> None:
+        self.factor, self.window, self.warmup = factor, window, warmup
         self.losses: list[float] = []
         self.diverged = False
         self.started: float | None = None
@@ -40,7 +40,7 @@ class DivergenceStop(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = float(outputs["loss"])
         self.losses.append(loss)
-        if len(self.losses) == self.window:
+        if len(self.losses) == self.warmup:
             self.started = time.perf_counter()
         if not math.isfinite(loss) or self._above_start():
             self.diverged = True
@@ -53,9 +53,9 @@ class DivergenceStop(pl.Callback):
         return statistics.fmean(self.losses[-self.window :]) > self.factor * start
 
     def seconds_per_step(self) -> float:
-        if self.started is None or len(self.losses) <= self.window:
+        if self.started is None or len(self.losses) <= self.warmup:
             return math.nan
-        return (time.perf_counter() - self.started) / (len(self.losses) - self.window)
+        return (time.perf_counter() - self.started) / (len(self.losses) - self.warmup)
 
 
 def run_cell(cfg: Any, output: Path) -> dict[str, Any]:
