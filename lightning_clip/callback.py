@@ -207,7 +207,7 @@ class GradientClipping(Callback):
             self._clipper(trainer, pl_module, optimizer)
         patterns = self.params.get("exclude", ())
         if patterns:
-            unmatched = [p for p in patterns if all(p in c.params.unmatched([p]) for c in self._clippers.values())]
+            unmatched = [p for p in patterns if all(c.params.unmatched([p]) for c in self._clippers.values())]
             if unmatched:
                 rank_zero_warn(
                     f"GradientClipping: exclude pattern(s) {unmatched} match no parameter of any optimizer; "
