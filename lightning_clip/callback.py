@@ -16,11 +16,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_clip import methods
 from lightning_clip.clipper import NONFINITE_MODES, Clipper, StepRecord
+from lightning_clip.operators import TensorNormClip, UnitwiseClip
 from lightning_clip.params import ParamSet, name_params, optimizer_params
+from lightning_clip.sharding import fsdp1_shards
 from lightning_clip.stats import LayerGrouping, LayerStats
 
 log = logging.getLogger("lightning_clip")
@@ -184,16 +187,29 @@ class GradientClipping(Callback):
                 "(double clipping): remove gradient_clip_val from the Trainer and set the limit on "
                 "GradientClipping instead, e.g. GradientClipping(method='norm', max_norm=...)."
             )
-        if type(trainer.strategy).__name__ == "FSDPStrategy":
-            raise ClippingConfigError(
-                "GradientClipping does not support FSDPStrategy (FSDP1) yet: its flat-parameter shards are not "
-                "measured exactly. Use ModelParallelStrategy with fully_shard (FSDP2), whose DTensor gradients "
-                "are clipped exactly with one collective per step."
-            )
+        if isinstance(trainer.strategy, FSDPStrategy):
+            self._check_fsdp1(trainer.strategy)
         if type(trainer.strategy).__name__ == "DeepSpeedStrategy":
             raise ClippingConfigError(
                 "GradientClipping does not support DeepSpeed, which clips inside its engine: use DeepSpeed's own "
                 "`gradient_clipping` setting instead of this callback."
+            )
+
+    def _check_fsdp1(self, strategy: FSDPStrategy) -> None:
+        """FSDP1 flattens each unit's parameters into one flat parameter and splits it into equal shards. Norms of
+        whole tensors reduce exactly (one collective); what needs a tensor's shape on one rank does not."""
+        _, operator = methods.build(self.method, self.params)
+        if isinstance(operator, UnitwiseClip):
+            raise ClippingConfigError(
+                f"GradientClipping(method={self.method!r}) does not support FSDPStrategy (FSDP1): its flat shards "
+                "split AGC's units (rows) across ranks at arbitrary offsets. Use ModelParallelStrategy with "
+                "fully_shard (FSDP2), whose dim-0 shards keep every unit on one rank, or a norm-based method."
+            )
+        if isinstance(operator, TensorNormClip) and not strategy.kwargs.get("use_orig_params", True):
+            raise ClippingConfigError(
+                f"GradientClipping(method={self.method!r}) clips each parameter tensor on its own, but "
+                "FSDPStrategy(use_orig_params=False) hands the optimizer one flat parameter per FSDP unit: use "
+                "FSDPStrategy(use_orig_params=True) (Lightning's default) or a global-norm method."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -288,10 +304,15 @@ class GradientClipping(Callback):
         if clipper is None:
             params = optimizer_params(optimizer)
             policy, operator = methods.build(self.method, self.params)
+            if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1: the root unit wraps pl_module
+                root = trainer.strategy.model
+                param_set = ParamSet(name_params(params, root), params, fsdp1_shards(root))
+            else:
+                param_set = ParamSet(name_params(params, pl_module), params)
             clipper = Clipper(
                 policy,
                 operator,
-                ParamSet(name_params(params, pl_module), params),
+                param_set,
                 nonfinite=self.nonfinite,
                 max_consecutive_skips=self.max_consecutive_skips,
                 scaler_checks_nonfinite=_scaler(trainer) is not None,

@@ -200,19 +200,25 @@ class UnitwiseClip(ClipOperator):
 
     def _split(self, layout: Layout, device: torch.device, run: slice) -> _UnitwiseRun:
         vectors, excluded, by_rank = [], [], {}
+        reducer = layout.reducer
         for position, i in enumerate(range(run.start, run.stop)):
-            p = layout.params[i]
+            ndim = layout.params[i].ndim if reducer is None else len(reducer.shapes[i])
             if matches_any(layout.names[i], self.exclude):
                 excluded.append(position)
-            elif p.ndim <= 1:
+            elif ndim <= 1:
                 vectors.append(position)
             else:
-                if layout.reducer is not None and not layout.reducer.row_local[i]:
+                if reducer is not None and reducer.flat:
+                    raise ValueError(
+                        f"agc: {layout.names[i]} is held by FSDP1 (FSDPStrategy) as part of a flat shard, which splits "
+                        "its units across ranks; use FSDP2 (ModelParallelStrategy with fully_shard) for AGC"
+                    )
+                if reducer is not None and not reducer.row_local[i]:
                     raise ValueError(
                         f"agc: {layout.names[i]} is sharded along a dimension other than 0, so its unit norms are "
                         "split across ranks; shard it on dim 0 (as fully_shard does) or exclude it"
                     )
-                by_rank.setdefault(p.ndim, []).append(position)
+                by_rank.setdefault(ndim, []).append(position)
         groups = []
         for rank, positions in by_rank.items():
             units = [local(layout.params[run.start + k]).shape[0] for k in positions]

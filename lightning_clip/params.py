@@ -10,14 +10,14 @@ removed. Layouts are cached: the per-step work is one Python list of gradients, 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_clip.sharding import ShardReducer, is_sharded, local
+from lightning_clip.sharding import FlatShard, ShardReducer, local
 
 _WRAPPER_PARTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_forward_module"})
 
@@ -70,7 +70,13 @@ class Layout:
     cache: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, names: Sequence[str], params: Sequence[Tensor], indices: Sequence[int] | None = None) -> Layout:
+    def build(
+        cls,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        indices: Sequence[int] | None = None,
+        flat_shards: Mapping[int, FlatShard] | None = None,
+    ) -> Layout:
         runs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             grad = local(p.grad if p.grad is not None else p)
@@ -82,15 +88,16 @@ class Layout:
             start += len(members)
         indices = list(range(len(params))) if indices is None else list(indices)
         names, params = [names[i] for i in order], [params[i] for i in order]
-        reducer = ShardReducer(names, params) if is_sharded(params) else None
+        reducer = ShardReducer.build(names, params, flat_shards or {})
         return cls(names, params, groups, [indices[i] for i in order], reducer)
 
     def grads(self) -> list[Tensor]:
-        """The gradients as plain tensors: for DTensor parameters their local shards (in-place changes to them
-        change the DTensor gradients)."""
+        """The gradients as plain tensors: for sharded parameters their local shards (in-place changes to them
+        change the DTensor gradients). An FSDP1 parameter of which this rank holds nothing has no gradient here:
+        its own (empty) tensor stands for its empty local shard."""
         if self.reducer is None:
             return [p.grad for p in self.params]  # type: ignore[misc]
-        return [local(p.grad) for p in self.params]  # type: ignore[arg-type]
+        return [local(p.grad) if p.grad is not None else p.detach() for p in self.params]
 
     def local_params(self) -> list[Tensor]:
         """The parameters, detached, as plain tensors (local shards of DTensors)."""
@@ -101,25 +108,40 @@ class Layout:
 
 
 class ParamSet:
-    """The named parameters of one optimizer, and the cached layouts of those that hold gradients this step."""
+    """The named parameters of one optimizer, and the cached layouts of those that hold gradients this step.
 
-    def __init__(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+    ``flat_shards`` describes parameters sharded by FSDP1 (:func:`lightning_clip.sharding.fsdp1_shards`); DTensor
+    parameters describe themselves."""
+
+    def __init__(
+        self, names: Sequence[str], params: Sequence[Tensor], flat_shards: Mapping[int, FlatShard] | None = None
+    ) -> None:
         if len(names) != len(params):
             raise ValueError(f"got {len(names)} names for {len(params)} parameters")
         self.names = list(names)
         self.params = list(params)
+        self.flat_shards = dict(flat_shards or {})
         self._layouts: dict[tuple[int, ...], Layout] = {}
+
+    def _missing(self, p: Tensor) -> bool:
+        """No gradient this step. An FSDP1 original parameter with no element on this rank never holds one, yet it
+        takes part in the step on every rank (its norm is reduced with the others): it counts as present when its
+        flat parameter has a gradient, which is so on every rank or on none."""
+        shard = self.flat_shards.get(id(p))
+        return (shard.flat_param if shard is not None else p).grad is None
 
     def layout(self) -> Layout | None:
         """The layout of the parameters that hold a gradient now, or ``None`` when none does."""
-        missing = tuple(i for i, p in enumerate(self.params) if p.grad is None)
+        missing = tuple(i for i, p in enumerate(self.params) if self._missing(p))
         layout = self._layouts.get(missing)
         if layout is None:
             skipped = set(missing)
             present = [i for i in range(len(self.params)) if i not in skipped]
             if not present:
                 return None
-            layout = Layout.build([self.names[i] for i in present], [self.params[i] for i in present], present)
+            layout = Layout.build(
+                [self.names[i] for i in present], [self.params[i] for i in present], present, self.flat_shards
+            )
             self._layouts[missing] = layout
         return layout
 

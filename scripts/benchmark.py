@@ -4,6 +4,7 @@
     python scripts/benchmark.py --repeats 30 --threads 1
     python scripts/benchmark.py --training      # Lightning runs: per-layer statistics vs wandb.watch / grad_norm
     python scripts/benchmark.py --fsdp2         # 2 processes (gloo): sharded norm vs clip_grad_norm_ on DTensors
+    python scripts/benchmark.py --fsdp1         # 2 processes (gloo): FSDP1 flat shards vs FSDP's own clip_grad_norm_
 
 Each row times our engine (``Clipper.step``, what ``GradientClipping`` runs in ``on_before_optimizer_step``) and its
 baseline on the same gradients, alternating which goes first, and reports median(ours) / median(baseline). Ratios,
@@ -47,9 +48,9 @@ def names(params) -> list[str]:
     return [f"layer{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(len(params))]
 
 
-def clipper(method: str, params, nonfinite: str, **kwargs) -> Callable[[], object]:
+def clipper(method: str, params, nonfinite: str, flat_shards=None, **kwargs) -> Callable[[], object]:
     policy, operator = methods.build(method, methods.resolve(method, kwargs))
-    engine = Clipper(policy, operator, ParamSet(names(params), params), nonfinite=nonfinite)
+    engine = Clipper(policy, operator, ParamSet(names(params), params, flat_shards), nonfinite=nonfinite)
     return engine.step
 
 
@@ -257,36 +258,56 @@ def count_collectives(fn) -> int:
     return sum(1 for event in prof.events() if event.name.startswith("gloo:"))
 
 
-def fsdp2_worker(rank: int, port: int, repeats: int, threads: int, results) -> None:
+SHARDED_BASELINES = {"fsdp2": "clip_grad_norm_(foreach=True)", "fsdp1": "FSDP root's clip_grad_norm_"}
+
+
+def sharded_worker(rank: int, kind: str, port: int, repeats: int, threads: int, results) -> None:
+    """One of 2 processes: 50 x Linear(500, 500), each layer its own FSDP2 (``fully_shard``) or FSDP1 unit."""
     import os
 
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(threads)
-    mesh = init_device_mesh("cpu", (2,))
     model = Stack(layers=50, width=500)
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    model(torch.randn(4, 500)).square().mean().backward()
-    params = list(model.parameters())
-    ours = clipper("norm", params, "ignore")
+    if kind == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in model.layers:
+            fully_shard(layer, mesh=mesh)
+        root = fully_shard(model, mesh=mesh)
+        flat_shards = None
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        from lightning_clip.sharding import fsdp1_shards
+
+        cpu = torch.device("cpu")
+        for i, layer in enumerate(model.layers):
+            model.layers[i] = FullyShardedDataParallel(layer, device_id=cpu, use_orig_params=True)
+        root = FullyShardedDataParallel(model, device_id=cpu, use_orig_params=True)
+        flat_shards = fsdp1_shards(root)
+    root(torch.randn(4, 500)).square().mean().backward()
+    params = [p for p in root.parameters() if p.grad is not None or p.numel() == 0]
+    ours = clipper("norm", params, "ignore", flat_shards)
 
     def baseline():
-        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        if kind == "fsdp2":
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        else:
+            root.clip_grad_norm_(1.0)
 
     counts = {name: count_collectives(fn) for name, fn in (("ours", ours), ("baseline", baseline))}
-    ratio = time_pair(ours, baseline, params, repeats)
+    ratio = time_pair(ours, baseline, [p for p in params if p.grad is not None], repeats)
     if rank == 0:
         results.update(ratio=ratio, **{f"collectives_{k}": v for k, v in counts.items()})
     dist.destroy_process_group()
 
 
-def fsdp2_table(repeats: int, threads: int) -> None:
+def sharded_table(kind: str, repeats: int, threads: int) -> None:
     import socket
 
     import torch.multiprocessing as mp
@@ -296,12 +317,13 @@ def fsdp2_table(repeats: int, threads: int) -> None:
         port = s.getsockname()[1]
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(fsdp2_worker, args=(port, repeats, threads, results), nprocs=2)
-    print("FSDP2 (fully_shard, 2 processes, gloo, 50 x Linear(500, 500), 12.5M params), one clipping step:")
+    mp.spawn(sharded_worker, args=(kind, port, repeats, threads, results), nprocs=2)
+    baseline = SHARDED_BASELINES[kind]
+    print(f"{kind.upper()} (2 processes, gloo, 50 x Linear(500, 500), 12.5M params), one clipping step:")
     print()
-    print("| | ours (norm, nonfinite=ignore) | clip_grad_norm_(foreach=True) |")
+    print(f"| | ours (norm, nonfinite=ignore) | {baseline} |")
     print("|---|---|---|")
-    print(f"| time / clip_grad_norm_ | {results['ratio']:.2f} | 1.00 |")
+    print(f"| time / {baseline} | {results['ratio']:.2f} | 1.00 |")
     print(f"| collectives per step | {results['collectives_ours']} | {results['collectives_baseline']} |")
 
 
@@ -311,6 +333,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--training", action="store_true", help="time Lightning runs instead of clipping alone")
     parser.add_argument("--fsdp2", action="store_true", help="time clipping of FSDP2 (DTensor) gradients")
+    parser.add_argument("--fsdp1", action="store_true", help="time clipping of FSDP1 (flat-shard) gradients")
     parser.add_argument("--steps", type=int, default=60, help="with --training: steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="with --training: runs per variant")
     args = parser.parse_args()
@@ -318,8 +341,8 @@ def main() -> None:
     if args.training:
         training_table(args.steps, args.rounds)
         return
-    if args.fsdp2:
-        fsdp2_table(args.repeats, args.threads)
+    if args.fsdp2 or args.fsdp1:
+        sharded_table("fsdp2" if args.fsdp2 else "fsdp1", args.repeats, args.threads)
         return
     results = {name: rows(make_model(*shape), args.repeats) for name, shape in MODELS.items()}
     names = list(results)

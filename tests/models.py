@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -68,6 +69,24 @@ class TwoOptimizerModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.generator.parameters(), lr=0.01), torch.optim.SGD(self.critic.parameters(), lr=0.01)
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1) on CPU. Lightning allows FSDPStrategy on CUDA only (a subclass passes its
+    check) and wraps the model with no ``device_id`` on CPU, where torch's FSDP then refuses to start; this changes
+    only that call, so launch, hooks, precision plugin and checkpoints stay Lightning's own."""
+
+    def _setup_model(self, model):
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel(
+            module=model,
+            cpu_offload=self.cpu_offload,
+            mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            device_id=torch.device("cpu"),
+            **self.kwargs,
+        )
 
 
 class GradProbe(pl.Callback):

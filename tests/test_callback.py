@@ -5,10 +5,11 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.strategies import FSDPStrategy
 
 from helpers import timm_style_agc
 from lightning_clip import ClippingConfigError, GradientClipping, NonFiniteGradientError
-from models import GradProbe, TinyModule, TwoOptimizerModule, loader, trainer
+from models import CPUFSDPStrategy, GradProbe, TinyModule, TwoOptimizerModule, loader, trainer
 
 
 def reference_clip(method, params):
@@ -205,10 +206,45 @@ def test_no_warning_noise_in_plain_run():
     assert not [w for w in caught if "lightning_clip" in str(w.filename) or "GradientClipping" in str(w.message)]
 
 
+@pytest.mark.parametrize(
+    "method, use_orig_params, message",
+    [
+        ("agc", True, "split AGC's units"),
+        ("tensor_norm", False, "use_orig_params=True"),
+        ("adagc", False, "use_orig_params=True"),
+    ],
+)
+def test_fsdp1_combinations_that_cannot_be_exact_are_refused_before_training(method, use_orig_params, message):
+    """Lightning runs Callback.setup before it wraps the model or builds optimizers; the refusal comes from there."""
+    run = trainer([GradientClipping(method)], strategy=CPUFSDPStrategy(use_orig_params=use_orig_params))
+    with pytest.raises(ClippingConfigError, match=message):
+        run.callbacks[0].setup(run, TinyModule(), "fit")
+
+
 @pytest.mark.cuda
-def test_fsdp1_is_refused_before_training():
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_fsdp1_on_cuda_matches_a_single_device_run(precision):
+    """Lightning's own FSDPStrategy on one GPU (fp16: its ShardedGradScaler) against the same run without FSDP."""
     import lightning.pytorch as pl
 
-    run = pl.Trainer(accelerator="cuda", devices=1, strategy="fsdp", callbacks=[GradientClipping("norm")], max_steps=1)
-    with pytest.raises(ClippingConfigError, match="does not support FSDPStrategy"):
-        run.fit(TinyModule(), loader())
+    def run(strategy):
+        clipping = GradientClipping("norm", max_norm=0.5, log_every_n_steps=1)
+        model = TinyModule()
+        pl.Trainer(
+            accelerator="cuda",
+            devices=1,
+            strategy=strategy,
+            precision=precision,
+            callbacks=[clipping],
+            max_epochs=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model, loader())
+        return clipping
+
+    sharded, plain = run(FSDPStrategy(auto_wrap_policy={torch.nn.Linear})), run("auto")
+    assert sharded.judged_steps == plain.judged_steps > 0
+    assert sharded.last_metrics["grad/norm"] == pytest.approx(plain.last_metrics["grad/norm"], rel=1e-2)
+    assert sharded.last_metrics["grad_norm/body.0"] == pytest.approx(plain.last_metrics["grad_norm/body.0"], rel=1e-2)

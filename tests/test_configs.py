@@ -58,6 +58,16 @@ def test_trainer_and_logger_groups():
     assert type(instantiate(cfg.data)).__name__ == "DigitsDataModule"
 
 
+def test_fsdp1_trainer_config_builds_lightnings_fsdp_strategy():
+    """trainer=fsdp1 needs CUDA to run (Lightning refuses FSDPStrategy on CPU); its strategy is built here."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    cfg = composed("trainer=fsdp1")
+    strategy = instantiate(cfg.trainer.strategy)
+    assert isinstance(strategy, FSDPStrategy) and strategy.kwargs["use_orig_params"] is True
+    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.devices == 2
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

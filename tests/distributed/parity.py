@@ -1,12 +1,16 @@
 """A 2-process run (gloo on CPU) of every clipping method, launched by tests/distributed/test_parity.py.
 
-    python parity.py <ddp|fsdp2> <precision> <out.pt> [nan|resume]
+    python parity.py <ddp|fsdp2|fsdp1|fsdp1_flat> <precision> <out.pt> [nan|resume]
 
 Lightning's launchers re-execute this script for rank 1, so all methods run inside one launch, one fit each.
 Rank 0 saves, per method, the full final parameters and the callback's last metrics to ``out.pt``; with ``nan``,
-rank 1 puts a NaN into its loss at step 2 (DDP: the all-reduce carries it to every rank) or, under FSDP2, into
-its local gradient shard only. With ``resume``, adaptive methods are trained 2 epochs straight and 1 + 1 epochs
+rank 1 puts a NaN into its loss at step 2 (DDP: the all-reduce carries it to every rank) or, under FSDP2 and FSDP1,
+into its local gradient shard only. With ``resume``, adaptive methods are trained 2 epochs straight and 1 + 1 epochs
 through a checkpoint written by the 2-process run.
+
+``fsdp1`` is Lightning's ``FSDPStrategy`` (``use_orig_params=True``, each Linear its own FSDP unit), ``fsdp1_flat``
+the same with ``use_orig_params=False`` (the optimizer holds the flat parameters), both on CPU through
+``models.CPUFSDPStrategy``.
 
 Each method's collectives issued inside GradientClipping's hook are counted per optimizer step.
 """
@@ -17,7 +21,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.plugins import MixedPrecision
-from lightning.pytorch.strategies import ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 
@@ -45,7 +49,7 @@ class CountingClipping(GradientClipping):
         COLLECTIVES.append(len(calls))
 
 
-from models import TinyModule, dataset  # noqa: E402
+from models import CPUFSDPStrategy, TinyModule, dataset  # noqa: E402
 
 METHODS = {
     "none": {},
@@ -59,12 +63,28 @@ METHODS = {
 }
 
 
+def make_strategy(name):
+    if name == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    if name.startswith("fsdp1"):
+        return CPUFSDPStrategy(
+            auto_wrap_policy={torch.nn.Linear}, use_orig_params=name == "fsdp1", state_dict_type="sharded"
+        )
+    return "ddp"
+
+
+#: Methods refused before training under a strategy (tests/test_callback.py): FSDP1's flat shards split AGC's units
+#: across ranks, and with use_orig_params=False the optimizer's tensors are whole FSDP units, not parameters.
+REFUSED = {"fsdp1": {"agc"}, "fsdp1_flat": {"agc", "tensor_norm", "adagc"}}
+
+
 class Sharded(TinyModule):
     """TinyModule on 2 processes: FSDP2 shards each Linear on dim 0; data split by an unshuffled sampler."""
 
-    def __init__(self, fsdp2: bool, nan_rank: int | None = None, **kwargs):
+    def __init__(self, strategy_name: str, nan_rank: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.fsdp2, self.nan_rank = fsdp2, nan_rank
+        self.fsdp2, self.nan_rank = strategy_name == "fsdp2", nan_rank
+        self.fsdp1 = strategy_name.startswith("fsdp1")
 
     def configure_model(self):
         if self.fsdp2:
@@ -77,26 +97,37 @@ class Sharded(TinyModule):
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        if not self.fsdp2 and self.nan_rank == self.global_rank and self.global_step == 2:
+        if not (self.fsdp2 or self.fsdp1) and self.nan_rank == self.global_rank and self.global_step == 2:
             loss = loss * float("nan")  # DDP: the all-reduce carries it to every rank
         return loss
 
     def on_after_backward(self):
-        if self.fsdp2 and self.nan_rank == self.global_rank and self.global_step == 2:
+        if self.nan_rank != self.global_rank or self.global_step != 2:
+            return
+        if self.fsdp2:
             self.body[2].weight.grad._local_tensor[0, 0] = float("nan")  # FSDP2: only this rank's shard
+        if self.fsdp1:  # FSDP1 (use_orig_params=True): the part of the weight in this rank's flat shard
+            self.body[2].weight.grad[0] = float("nan")
 
     def train_dataloader(self):
         data = dataset()
         return DataLoader(data, batch_size=4, sampler=DistributedSampler(data, shuffle=False))
 
 
-def full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+def full_params(trainer, model):
+    """The full parameters of every rank's model, named as in the unwrapped model."""
+    if not isinstance(trainer.strategy, FSDPStrategy):
+        return {name: getattr(p, "full_tensor", p.detach)().detach().clone() for name, p in model.named_parameters()}
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from lightning_clip.params import clean_name
+
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+        return {clean_name(name): p.detach().clone() for name, p in trainer.strategy.model.named_parameters()}
 
 
 def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None, ckpt_path=None):
-    fsdp2 = strategy_name == "fsdp2"
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if fsdp2 else "ddp"
+    strategy = make_strategy(strategy_name)
     plugins = []
     if precision == "16-mixed":
         plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
@@ -117,7 +148,7 @@ def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = Sharded(fsdp2, nan_rank=1 if nan else None)
+    model = Sharded(strategy_name, nan_rank=1 if nan else None)
     COLLECTIVES.clear()
     trainer.fit(model, ckpt_path=ckpt_path)
     states = [None, None]
@@ -125,7 +156,7 @@ def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None
     skipped = [None, None]
     torch.distributed.all_gather_object(skipped, clipping.skipped_steps)
     return {
-        "params": {name: full(p.detach()).clone() for name, p in model.named_parameters()},
+        "params": full_params(trainer, model),
         "metrics": dict(clipping.last_metrics),
         "skipped_per_rank": skipped,
         "states_per_rank": states,
@@ -148,6 +179,8 @@ def main():
     else:
         methods = {"norm": METHODS["norm"], "zclip": METHODS["zclip"]} if mode == "nan" else METHODS
         for method, params in methods.items():
+            if method in REFUSED.get(strategy_name, ()):
+                continue
             results[method] = fit(strategy_name, precision, method, params, nan=mode == "nan")
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
