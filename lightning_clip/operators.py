@@ -39,10 +39,22 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
     per_run = []
     for _, run in layout.groups:
         tensors = grads[run]
+        dtype = _norm_dtype(tensors[0]) or tensors[0].dtype
+        held = layout.held_of(run, tensors)
+        if not held:
+            per_run.append(tensors[0].new_zeros(len(tensors), dtype=dtype))
+            continue
         if norm_type == math.inf:
-            per_run.append(_max_abs(tensors).to(_norm_dtype(tensors[0]) or tensors[0].dtype))
+            norms = _max_abs(held).to(dtype)
         else:
-            per_run.append(torch.stack(torch._foreach_norm(tensors, norm_type, dtype=_norm_dtype(tensors[0]))))
+            norms = torch.stack(torch._foreach_norm(held, norm_type, dtype=_norm_dtype(tensors[0])))
+        if len(held) < len(tensors):  # the tensors with no element on this rank have norm 0 here
+            key = ("held", run.start, norms.device)
+            if key not in layout.cache:
+                layout.cache[key] = torch.tensor(layout.held[run.start], device=norms.device)
+            positions = layout.cache[key]
+            norms = norms.new_zeros(len(tensors)).index_copy_(0, positions, norms)
+        per_run.append(norms)
     norms = _concat(per_run)
     return norms if layout.reducer is None else layout.reducer.norms(norms, norm_type)
 
@@ -59,6 +71,11 @@ def _concat(per_run: list[Tensor]) -> Tensor:
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in per_run) else torch.float32
     device = per_run[0].device
     return torch.cat([t.to(device=device, dtype=dtype) for t in per_run])
+
+
+def _foreach_mul_(tensors: list[Tensor], scale: Tensor | list[Tensor]) -> None:
+    if tensors:
+        torch._foreach_mul_(tensors, scale)
 
 
 def total_norm(norms: Tensor, norm_type: float) -> Tensor:
@@ -120,7 +137,7 @@ class GlobalNormClip(ClipOperator):
         assert measured is not None
         coef = torch.clamp(threshold / (measured.total + NORM_EPS), max=1.0)
         for device, run in layout.groups:
-            torch._foreach_mul_(grads[run], coef.to(device))
+            _foreach_mul_(layout.held_of(run, grads[run]), coef.to(device))
         return Applied(changed=coef < 1.0, scale=coef.expand(len(layout)))
 
 
@@ -135,7 +152,7 @@ class TensorNormClip(ClipOperator):
         assert measured is not None
         coefs = torch.clamp(threshold / (measured.norms + NORM_EPS), max=1.0)
         for device, run in layout.groups:
-            torch._foreach_mul_(grads[run], coefs[run].to(device).unbind(0))
+            _foreach_mul_(layout.held_of(run, grads[run]), layout.held_of(run, coefs[run].to(device).unbind(0)))
         return Applied(changed=(coefs < 1.0).any(), scale=coefs)
 
 
@@ -149,8 +166,10 @@ class ValueClip(ClipOperator):
     def apply(self, layout, grads, measured, threshold) -> Applied:
         limit = float(threshold)
         for _, run in layout.groups:
-            torch._foreach_clamp_min_(grads[run], -limit)
-            torch._foreach_clamp_max_(grads[run], limit)
+            held = layout.held_of(run, grads[run])
+            if held:
+                torch._foreach_clamp_min_(held, -limit)
+                torch._foreach_clamp_max_(held, limit)
         return Applied(changed=None if measured is None else measured.total > limit, scale=None)
 
 

@@ -60,6 +60,12 @@ class Layout:
     ``groups`` holds ``(device, slice)`` pairs over that order; ``indices`` the position of each tensor in its
     :class:`ParamSet` (where per-tensor state such as AdaGC's thresholds is kept). ``cache`` is where clip operators
     keep what they derive once from the static layout (views, exclusion masks).
+
+    ``held`` lists, for each run that has any, the positions within the run of the tensors this rank holds
+    elements of: a sharded tensor may have none here (FSDP1 places a parameter in one or two ranks' flat shards; a
+    DTensor may have fewer rows than ranks). The order stays the same on every rank, as the collective needs, and
+    kernels skip the empty tensors through :meth:`held_of` (on CPU a foreach kernel pays for every tensor, even
+    an empty one).
     """
 
     names: list[str]
@@ -67,6 +73,7 @@ class Layout:
     groups: list[tuple[torch.device, slice]]
     indices: list[int]
     reducer: ShardReducer | None = None
+    held: dict[int, list[int]] = field(default_factory=dict)
     cache: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -89,7 +96,13 @@ class Layout:
         indices = list(range(len(params))) if indices is None else list(indices)
         names, params = [names[i] for i in order], [params[i] for i in order]
         reducer = ShardReducer.build(names, params, flat_shards or {})
-        return cls(names, params, groups, [indices[i] for i in order], reducer)
+        held = {}
+        if reducer is not None:
+            for _, run in groups:
+                sizes = [local(p.grad if p.grad is not None else p).numel() for p in params[run]]
+                if 0 in sizes:
+                    held[run.start] = [k for k, size in enumerate(sizes) if size]
+        return cls(names, params, groups, [indices[i] for i in order], reducer, held)
 
     def grads(self) -> list[Tensor]:
         """The gradients as plain tensors: for sharded parameters their local shards (in-place changes to them
@@ -98,6 +111,11 @@ class Layout:
         if self.reducer is None:
             return [p.grad for p in self.params]  # type: ignore[misc]
         return [local(p.grad) if p.grad is not None else p.detach() for p in self.params]
+
+    def held_of(self, run: slice, items: Sequence[Any]) -> list[Any]:
+        """``items`` (one per tensor of ``run``) less those of the tensors that have no element on this rank."""
+        keep = self.held.get(run.start)
+        return list(items) if keep is None else [items[k] for k in keep]
 
     def local_params(self) -> list[Tensor]:
         """The parameters, detached, as plain tensors (local shards of DTensors)."""

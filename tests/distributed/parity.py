@@ -20,7 +20,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.plugins import FSDPPrecision, MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
@@ -129,7 +129,15 @@ def full_params(trainer, model):
 def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None, ckpt_path=None):
     strategy = make_strategy(strategy_name)
     plugins = []
-    if precision == "16-mixed":
+    if precision == "16-mixed" and strategy_name.startswith("fsdp1"):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+        # FSDPPrecision builds a CUDA ShardedGradScaler and (Lightning 2.6) refuses one passed in: set a CPU one.
+        plugin = FSDPPrecision("16-mixed")
+        plugin.scaler = ShardedGradScaler("cpu", init_scale=2.0**8)
+        plugins = [plugin]
+        precision = None
+    elif precision == "16-mixed":
         plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
         precision = None
     clipping = CountingClipping(method, log_every_n_steps=2, **params)

@@ -121,8 +121,10 @@ def test_bf16_matches_single_process(tmp_path, strategy, precision):
             assert_matches(results[method], method, precision, rtol=5e-2, atol=5e-2)
 
 
-def test_ddp_fp16_with_grad_scaler_matches_single_process(tmp_path):
-    results = launch(tmp_path, "ddp", "16-mixed")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp1"])
+def test_fp16_with_grad_scaler_matches_single_process(tmp_path, strategy):
+    """DDP with torch's GradScaler; FSDP1 with its ShardedGradScaler (fp16 parameters, gradients reduced in fp16)."""
+    results = launch(tmp_path, strategy, "16-mixed")
     for method in ("norm", "value", "autoclip"):
         assert_matches(results[method], method, "16-mixed", rtol=1e-2, atol=1e-2)
 
