@@ -1,7 +1,7 @@
 """Which clipping works, measured: tasks x clipping configurations x seeds, one Hydra multirun job per cell.
 
-    python scripts/study.py --quick      # 2 tasks x 4 configurations x 1 seed, 150 steps: a few minutes on 2 cores
-    python scripts/study.py -m task=adding,digits 'cell=range(0,14)' seed=0,1,2    # the full grid (conf/grid/full)
+    python scripts/study.py --quick      # 4 tasks x 4 configurations x 1 seed, 150 steps: a few minutes on 2 cores
+    python scripts/study.py -m task=adding,multiplication,digits,textlm 'cell=range(0,14)' seed=0,1,2  # full grid
 
 Each job writes result.json; the sweep ends with results.md / results.csv / results.png in studies/<time>/.
 Every configuration runs with nonfinite="ignore", so only the clipping differs: a run that explodes is recorded as
@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from lightning_clip.study import run_cell
 
-QUICK = ["-m", "task=adding,digits", "grid=quick", "cell=0,1,2,3", "seed=0", "task.steps=150"]
+QUICK = ["-m", "task=adding,multiplication,digits,textlm", "grid=quick", "cell=0,1,2,3", "seed=0", "task.steps=150"]
 
 
 @hydra.main(version_base="1.3", config_path=str(Path(__file__).resolve().parents[1] / "conf"), config_name="study")

@@ -1,9 +1,10 @@
-"""The adding problem of Hochreiter & Schmidhuber (1997), as used by Pascanu et al. 2013 ("On the difficulty of
-training recurrent neural networks", section 5.1) to show exploding gradients in a tanh RNN.
+"""The adding and multiplication problems of Hochreiter & Schmidhuber (1997), as used by Pascanu et al. 2013 ("On
+the difficulty of training recurrent neural networks", section 5.1) to show exploding gradients in a tanh RNN.
 
 Each sequence has two channels: random values in [0, 1), and a marker that is 1 at two positions (one in the first
-half, one in the second) and 0 elsewhere. The target is the sum of the two marked values. Predicting the mean (1.0)
-gives a mean squared error of about 1/6; a model that solves the task gets far below that.
+half, one in the second) and 0 elsewhere. The target is the sum (adding) or the product (multiplication) of the two
+marked values. Predicting the mean gives a mean squared error of 1/6 for the sum and 7/144 (about 0.049) for the
+product; a model that solves the task gets far below that.
 """
 
 from __future__ import annotations
@@ -12,9 +13,14 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+PROBLEMS = ("adding", "multiplication")
 
-def adding_problem(samples: int, length: int, seed: int = 0) -> TensorDataset:
-    """``samples`` sequences of shape ``(length, 2)`` and their targets, generated from ``seed``."""
+
+def adding_problem(samples: int, length: int, seed: int = 0, problem: str = "adding") -> TensorDataset:
+    """``samples`` sequences of shape ``(length, 2)`` and their targets, generated from ``seed``; ``problem`` is
+    ``"adding"`` or ``"multiplication"``."""
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem={problem!r} is not one of {PROBLEMS}")
     gen = torch.Generator().manual_seed(seed)
     values = torch.rand(samples, length, generator=gen)
     half = length // 2
@@ -24,21 +30,30 @@ def adding_problem(samples: int, length: int, seed: int = 0) -> TensorDataset:
     rows = torch.arange(samples)
     markers[rows, first] = 1.0
     markers[rows, second] = 1.0
-    targets = values[rows, first] + values[rows, second]
+    a, b = values[rows, first], values[rows, second]
+    targets = a + b if problem == "adding" else a * b
     return TensorDataset(torch.stack([values, markers], dim=-1), targets.unsqueeze(-1))
 
 
 class AddingDataModule(pl.LightningDataModule):
     def __init__(
-        self, length: int = 100, train_samples: int = 4096, val_samples: int = 512, batch_size: int = 64, seed: int = 0
+        self,
+        length: int = 100,
+        train_samples: int = 4096,
+        val_samples: int = 512,
+        batch_size: int = 64,
+        seed: int = 0,
+        problem: str = "adding",
     ) -> None:
         super().__init__()
+        if problem not in PROBLEMS:
+            raise ValueError(f"problem={problem!r} is not one of {PROBLEMS}")
         self.length, self.train_samples, self.val_samples = length, train_samples, val_samples
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.problem = batch_size, seed, problem
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = adding_problem(self.train_samples, self.length, self.seed)
-        self.val_set = adding_problem(self.val_samples, self.length, self.seed + 1)
+        self.train_set = adding_problem(self.train_samples, self.length, self.seed, self.problem)
+        self.val_set = adding_problem(self.val_samples, self.length, self.seed + 1, self.problem)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)

@@ -5,14 +5,22 @@ import math
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from lightning_clip import GradientClipping
-from lightning_clip.examples.adding import AddingDataModule, TanhRNN
+from lightning_clip.examples.adding import AddingDataModule, TanhRNN, adding_problem
 from lightning_clip.examples.digits import DeepMLP, DigitsDataModule
+from lightning_clip.examples.textlm import TextDataModule, TinyTransformerLM, python_docs_bytes
 
 TASKS = {
     "adding": (lambda: TanhRNN(), lambda: AddingDataModule(length=100, train_samples=2048), 150),
+    "multiplication": (
+        lambda: TanhRNN(momentum=0.0),
+        lambda: AddingDataModule(length=100, train_samples=2048, problem="multiplication"),
+        150,
+    ),
     "digits": (lambda: DeepMLP(), lambda: DigitsDataModule(), 150),
+    "textlm": (lambda: TinyTransformerLM(), lambda: TextDataModule(), 150),
 }
 
 
@@ -56,5 +64,18 @@ def test_norm_clipping_keeps_it_from_diverging(task):
     final, first, clipping = train(task, "norm", max_norm=1.0)
     assert math.isfinite(final) and final < 3 * first
     assert clipping.clipped_steps > 0
-    if task == "digits":  # and learns (the adding problem needs far more steps than this test takes)
+    if task in ("digits", "textlm"):  # and learns (the RNN problems need far more steps than this test takes)
         assert final < first / 2
+
+
+def test_text_ships_with_python_and_the_problems_have_their_targets():
+    """The language model's text is Python's own documentation (no download); the multiplication problem's target
+    is the product of the two marked values (the adding problem's the sum)."""
+    text = python_docs_bytes()
+    assert len(text) > 400_000 and int(text.max()) < 256
+    for problem, combine in (("adding", torch.add), ("multiplication", torch.mul)):
+        inputs, targets = adding_problem(64, 20, seed=3, problem=problem)[:]
+        marked = inputs[..., 0][inputs[..., 1] == 1].reshape(64, 2)
+        torch.testing.assert_close(targets.squeeze(-1), combine(marked[:, 0], marked[:, 1]))
+    with pytest.raises(ValueError, match="problem='division'"):
+        AddingDataModule(problem="division")

@@ -52,6 +52,17 @@ def test_csv_logger_and_report_script(tmp_path):
     assert sorted(p.name for p in (output / "report").iterdir()) == ["clip_rate.png", "heatmap.png", "norms.png"]
 
 
+def test_transformer_on_python_docs_text_trains_from_the_app(tmp_path):
+    """model=transformer data=text: the study's language model, per-layer statistics of its attention blocks."""
+    result = run(
+        [TRAIN, "model=transformer", "data=text", "logger=csv", "report=false", "trainer.max_steps=20"], tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "final train loss" in result.stdout
+    metrics = only(tmp_path.glob("outputs/*/*/**/metrics.csv")).read_text().splitlines()[0]
+    assert "grad_norm/blocks.layers.0.self_attn" in metrics and "grad/norm" in metrics
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_processes_write_one_output_dir_and_one_wandb_run(tmp_path, strategy):
