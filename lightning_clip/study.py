@@ -165,6 +165,13 @@ COLUMNS = [
 ]
 
 
+def _cell(value: Any) -> str:
+    """A markdown cell: floats to 3 significant digits, NaN (diverged on every seed, or not measured) as "-"."""
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.3g}"
+    return str(value)
+
+
 def write_tables(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
     """``results.csv``, ``results.md`` and ``results.png`` (final loss per configuration and task)."""
     import matplotlib.pyplot as plt
@@ -178,21 +185,43 @@ def write_tables(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         cells = [row.get(c, "") for c in COLUMNS]
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in cells) + " |")
+        lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
     (directory / "results.md").write_text("\n".join(lines) + "\n")
-    tasks = sorted({row["task"] for row in rows})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 5), layout="constrained", squeeze=False)
-    for ax, task in zip(axes[0], tasks):
-        task_rows = [row for row in rows if row["task"] == task]
-        names = [f"{row['method']} {row['setting']}" for row in task_rows]
-        losses = [row["final loss"] if not math.isnan(row["final loss"]) else 0.0 for row in task_rows]
-        colors = ["tab:red" if row["divergence rate"] > 0 else "tab:blue" for row in task_rows]
-        ax.barh(names, losses, color=colors)
-        ax.set_title(f"{task}: final loss (red: diverged on some seed)")
-        ax.invert_yaxis()
+    fig = _plot(rows, plt)
     fig.savefig(directory / "results.png", dpi=110)
     plots.close(fig)
     return [directory / "results.md", directory / "results.csv", directory / "results.png"]
+
+
+def _plot(rows: list[dict[str, Any]], plt: Any) -> Any:
+    """Per task, each configuration's final loss relative to the task's best (log scale, 1 = best): blue where no
+    seed diverged, orange where some did (the others' loss), a red cross at the right edge where all did."""
+    tasks = sorted({row["task"] for row in rows})
+    columns = min(2, len(tasks))
+    lines = math.ceil(len(tasks) / columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(7 * columns, 4.5 * lines), layout="constrained", squeeze=False)
+    for ax in axes.flat[len(tasks) :]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
+        task_rows = [row for row in rows if row["task"] == task]
+        losses = [row["final loss"] for row in task_rows]
+        best = min((v for v in losses if not math.isnan(v)), default=math.nan)
+        ratios = [v / best if best > 0 else math.nan for v in losses]
+        edge = 2 * max((r for r in ratios if not math.isnan(r)), default=1.0)
+        for y, (row, ratio) in enumerate(zip(task_rows, ratios)):
+            if math.isnan(ratio):
+                ax.plot(edge, y, "x", color="tab:red", markersize=9)
+            else:
+                color = "tab:blue" if row["divergence rate"] == 0 else "tab:orange"
+                ax.hlines(y, 1.0, ratio, color=color, linewidth=2)
+                ax.plot(ratio, y, "o", color=color)
+        ax.axvline(1.05, color="grey", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(task_rows)), [f"{row['method']} {row['setting']}" for row in task_rows])
+        ax.invert_yaxis()
+        ax.set_xlabel("final loss / best of the task (x: diverged on every seed; orange: on some)")
+        ax.set_title(task)
+    return fig
 
 
 class StudyTable(HydraCallback):

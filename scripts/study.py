@@ -1,6 +1,6 @@
 """Which clipping works, measured: tasks x clipping configurations x seeds, one Hydra multirun job per cell.
 
-    python scripts/study.py --quick      # 4 tasks x 4 configurations x 1 seed, 150 steps: a few minutes on 2 cores
+    python scripts/study.py --quick      # 4 tasks x 4 configurations x 1 seed, 150 steps: about a minute on 2 cores
     python scripts/study.py -m task=adding,multiplication,digits,textlm 'cell=range(0,14)' seed=0,1,2  # full grid
 
 Each job writes result.json; the sweep ends with results.md / results.csv / results.png in studies/<time>/.
