@@ -112,6 +112,7 @@ def test_collectives_per_step(fp32_runs, strategy, method):
         ("fsdp2", "bf16-mixed"),
         ("fsdp2", "bf16-true"),
         ("fsdp1", "bf16-mixed"),
+        ("fsdp1", "bf16-true"),
     ],
 )
 def test_bf16_matches_single_process(tmp_path, strategy, precision):
