@@ -9,6 +9,7 @@ overflow in the measurement itself.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +74,7 @@ def _concat(per_run: list[Tensor]) -> Tensor:
     return torch.cat([t.to(device=device, dtype=dtype) for t in per_run])
 
 
-def _foreach_mul_(tensors: list[Tensor], scale: Tensor | list[Tensor]) -> None:
+def _foreach_mul_(tensors: Sequence[Tensor], scale: Tensor | Sequence[Tensor]) -> None:
     if tensors:
         torch._foreach_mul_(tensors, scale)
 

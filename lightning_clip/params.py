@@ -112,10 +112,10 @@ class Layout:
             return [p.grad for p in self.params]  # type: ignore[misc]
         return [local(p.grad) if p.grad is not None else p.detach() for p in self.params]
 
-    def held_of(self, run: slice, items: Sequence[Any]) -> list[Any]:
+    def held_of(self, run: slice, items: Sequence[Any]) -> Sequence[Any]:
         """``items`` (one per tensor of ``run``) less those of the tensors that have no element on this rank."""
         keep = self.held.get(run.start)
-        return list(items) if keep is None else [items[k] for k in keep]
+        return items if keep is None else [items[k] for k in keep]
 
     def local_params(self) -> list[Tensor]:
         """The parameters, detached, as plain tensors (local shards of DTensors)."""
