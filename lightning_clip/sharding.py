@@ -135,16 +135,31 @@ class ShardReducer:
         """All-reduce (SUM) per-tensor local sums, each weighted to count replicated data once."""
         weights = self.weights if weights is None else weights
         reduced = local_sums * weights.to(local_sums.device, local_sums.dtype).reshape(-1, *[1] * (local_sums.ndim - 1))
-        dist.all_reduce(reduced, op=dist.ReduceOp.SUM)
-        return reduced
+        return _all_reduce(reduced, dist.ReduceOp.SUM)
 
     def max(self, local_max: Tensor) -> Tensor:
-        reduced = local_max.clone()
-        dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-        return reduced
+        return _all_reduce(local_max.clone(), dist.ReduceOp.MAX)
 
     def norms(self, local_norms: Tensor, norm_type: float) -> Tensor:
         """Norms of the full tensors from the p-norms of their local shards: one collective."""
         if norm_type == math.inf:
             return self.max(local_norms)
         return self.sum(local_norms.pow(norm_type)).pow(1.0 / norm_type)
+
+
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """Where a tensor on ``device`` must be for a collective of ``backend``: NCCL reduces CUDA tensors only, and
+    gradients offloaded to CPU (FSDP1 ``CPUOffload``, FSDP2 ``CPUOffloadPolicy``) are reduced on this rank's GPU."""
+    if backend == "nccl" and device.type == "cpu":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _all_reduce(tensor: Tensor, op: dist.ReduceOp) -> Tensor:
+    device = collective_device(dist.get_backend(), tensor.device)
+    if device == tensor.device:
+        dist.all_reduce(tensor, op=op)
+        return tensor
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=op)
+    return moved.to(tensor.device)
