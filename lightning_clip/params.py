@@ -85,9 +85,11 @@ class Layout:
         flat_shards: Mapping[int, FlatShard] | None = None,
     ) -> Layout:
         runs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        sizes = []
         for i, p in enumerate(params):
             grad = local(p.grad if p.grad is not None else p)
             runs.setdefault((grad.device, grad.dtype), []).append(i)
+            sizes.append(grad.numel())
         order = [i for members in runs.values() for i in members]
         groups, start = [], 0
         for (device, _), members in runs.items():
@@ -99,9 +101,9 @@ class Layout:
         held = {}
         if reducer is not None:
             for _, run in groups:
-                sizes = [local(p.grad if p.grad is not None else p).numel() for p in params[run]]
-                if 0 in sizes:
-                    held[run.start] = [k for k, size in enumerate(sizes) if size]
+                run_sizes = [sizes[i] for i in order[run]]
+                if 0 in run_sizes:
+                    held[run.start] = [k for k, size in enumerate(run_sizes) if size]
         return cls(names, params, groups, [indices[i] for i in order], reducer, held)
 
     def grads(self) -> list[Tensor]:

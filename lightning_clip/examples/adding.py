@@ -16,11 +16,15 @@ from torch.utils.data import DataLoader, TensorDataset
 PROBLEMS = ("adding", "multiplication")
 
 
+def _check_problem(problem: str) -> None:
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem={problem!r} is not one of {PROBLEMS}")
+
+
 def adding_problem(samples: int, length: int, seed: int = 0, problem: str = "adding") -> TensorDataset:
     """``samples`` sequences of shape ``(length, 2)`` and their targets, generated from ``seed``; ``problem`` is
     ``"adding"`` or ``"multiplication"``."""
-    if problem not in PROBLEMS:
-        raise ValueError(f"problem={problem!r} is not one of {PROBLEMS}")
+    _check_problem(problem)
     gen = torch.Generator().manual_seed(seed)
     values = torch.rand(samples, length, generator=gen)
     half = length // 2
@@ -46,8 +50,7 @@ class AddingDataModule(pl.LightningDataModule):
         problem: str = "adding",
     ) -> None:
         super().__init__()
-        if problem not in PROBLEMS:
-            raise ValueError(f"problem={problem!r} is not one of {PROBLEMS}")
+        _check_problem(problem)
         self.length, self.train_samples, self.val_samples = length, train_samples, val_samples
         self.batch_size, self.seed, self.problem = batch_size, seed, problem
 
