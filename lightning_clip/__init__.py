@@ -1,26 +1,32 @@
 """lightning_clip: gradient clipping for PyTorch Lightning that is right under DDP/FSDP/AMP and records what it did.
 
 ``from lightning_clip import GradientClipping`` and add it to ``Trainer(callbacks=[...])``. The engine
-(:class:`Clipper`, the operators and threshold policies) is plain PyTorch and works without Lightning.
+(:class:`Clipper`, the methods, operators and threshold policies) is plain PyTorch and works without Lightning.
+Importing the package imports neither W&B nor Hydra: the Hydra schemas of the packaged ``clipping`` config group are
+registered when Hydra loads ``pkg://lightning_clip.conf`` (or by ``import lightning_clip.configs``).
 """
 
 from lightning_clip.callback import ClippingConfigError, GradientClipping
 from lightning_clip.clipper import Clipper, NonFiniteGradientError, StepRecord
-from lightning_clip.configs import register_configs
-from lightning_clip.methods import METHODS
-from lightning_clip.params import ParamSet
+from lightning_clip.methods import AGC, METHODS, AdaGC, AutoClip, Method, NoClipping, Norm, TensorNorm, Value, ZClip
 
-register_configs()  # Hydra schemas for the packaged `clipping` group (see lightning_clip/configs.py)
-
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "AGC",
     "METHODS",
+    "AdaGC",
+    "AutoClip",
     "Clipper",
     "ClippingConfigError",
     "GradientClipping",
+    "Method",
+    "NoClipping",
     "NonFiniteGradientError",
-    "ParamSet",
+    "Norm",
     "StepRecord",
+    "TensorNorm",
+    "Value",
+    "ZClip",
     "__version__",
 ]

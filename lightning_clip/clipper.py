@@ -1,5 +1,10 @@
 """The clipping engine for one optimizer: measure, threshold, clip, guard, record. Plain PyTorch, no Lightning.
 
+    clipper = Clipper(AGC(clip_factor=0.02), model.named_parameters())
+    loss.backward()
+    clipper.step()
+    optimizer.step()
+
 One call of :meth:`Clipper.step` is one optimizer step::
 
     measure    per-tensor norms (foreach kernels), when the operator, the NaN/Inf guard or the record needs them
@@ -17,16 +22,18 @@ already checks, there is none.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_clip.operators import ClipOperator, Measured, Threshold, tensor_norms
+from lightning_clip.methods import Method
+from lightning_clip.operators import Measured, Threshold, tensor_norms
 from lightning_clip.params import Layout, ParamSet
+from lightning_clip.sharding import FlatShard
 from lightning_clip.stats import LayerStats
-from lightning_clip.thresholds import ThresholdPolicy
 
 NonFinite = Literal["skip", "raise", "ignore"]
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "ignore")
@@ -56,9 +63,62 @@ class StepRecord:
     layers: list[str] = field(default_factory=list)
     layer_stats: dict[str, Tensor] = field(default_factory=dict)
 
+    def read(self) -> HostRecord:
+        """Everything recorded, read to the host in ONE transfer: one ``cat`` on the device, one ``tolist``."""
+        stats = dict(self.layer_stats)
+        histogram = stats.pop("grad_hist", None)
+        grad_norm = torch.linalg.vector_norm(self.grad_norms)
+        on_device = isinstance(self.threshold, Tensor)
+        threshold = self.threshold.mean() if on_device else torch.tensor(math.nan)
+        scalars = [grad_norm, torch.linalg.vector_norm(self.clipped_norms), self.clipped_steps, self.nonfinite_steps]
+        parts = [torch.stack([t.reshape(()).to(grad_norm) for t in [*scalars, threshold]])]
+        parts += [v.reshape(-1).to(grad_norm) for v in stats.values()]
+        if histogram is not None:
+            parts.append(histogram.reshape(-1).to(grad_norm))
+        values = torch.cat(parts).tolist()  # the one transfer of a recording step
+        norm, clipped, clipped_steps, nonfinite_steps, threshold_value = values[:5]
+        if not on_device:  # a host-side threshold stays exact
+            threshold_value = float(self.threshold)
+        layer_stats, start = {}, 5
+        for name in stats:
+            layer_stats[name] = values[start : start + len(self.layers)]
+            start += len(self.layers)
+        return HostRecord(
+            grad_norm=norm,
+            clipped_norm=clipped,
+            threshold=threshold_value,
+            clipped_steps=clipped_steps,
+            judged_steps=self.judged_steps,
+            nonfinite_steps=nonfinite_steps,
+            skipped_steps=self.skipped_steps,
+            layers=self.layers,
+            layer_stats=layer_stats,
+            histograms=values[start:] if histogram is not None else None,
+        )
+
+
+@dataclass
+class HostRecord:
+    """A :class:`StepRecord` read to the host: global norms before / after clipping, the threshold (its mean when
+    per tensor; inf when none applies), step counts since the previous record (``skipped_steps`` over the run), and
+    per-layer statistics as lists in the order of ``layers``; ``histograms`` holds layers x bins counts."""
+
+    grad_norm: float
+    clipped_norm: float
+    threshold: float
+    clipped_steps: float
+    judged_steps: int
+    nonfinite_steps: float
+    skipped_steps: int
+    layers: list[str]
+    layer_stats: dict[str, list[float]]
+    histograms: list[float] | None
+
 
 class Clipper:
-    """Clips the gradients of one optimizer's parameters with a threshold policy and a clip operator.
+    """Clips the gradients of one optimizer's parameters with a clipping method (``methods.py``), given as the
+    ``(name, parameter)`` pairs of those parameters (``model.named_parameters()``, or the optimizer's tensors with
+    their names). ``flat_shards`` describes FSDP1's flat shards (:func:`lightning_clip.sharding.fsdp1_shards`).
 
     A step is non-finite when the measured norm is NaN/Inf: a NaN/Inf element, or gradients so large that their norm
     overflows float32 (stepping with them would make the parameters Inf).
@@ -66,17 +126,21 @@ class Clipper:
     ``nonfinite``: ``"skip"`` sets the gradients to None so the optimizer step changes nothing (counted; after
     ``max_consecutive_skips`` skips in a row it raises), ``"raise"`` raises an error naming the tensors holding
     NaN/Inf, ``"ignore"`` does not look. ``scaler_checks_nonfinite=True`` (fp16 with a GradScaler, which skips
-    such steps itself) replaces both by a device-side count, with no host read. After a step that ``skip`` found
-    non-finite, ``last_nonfinite`` names the tensors that held NaN/Inf, in optimizer order.
+    such steps itself) replaces both by a device-side count, with no host read. After a step that ``skip`` skipped,
+    ``last_nonfinite`` names the tensors whose full gradient held NaN/Inf, in optimizer order (an empty list when
+    only the global norm overflowed); it is ``None`` after a step that was not skipped. The names come from the
+    per-tensor norms after their collective, so under FSDP every rank names the tensors, whichever rank's shard
+    held the NaN.
 
     ``stats`` adds per-layer statistics to each record; they are computed on recording steps only.
     """
 
     def __init__(
         self,
-        policy: ThresholdPolicy,
-        operator: ClipOperator,
-        params: ParamSet,
+        method: Method,
+        named_params: Iterable[tuple[str, Tensor]],
+        *,
+        flat_shards: Mapping[int, FlatShard] | None = None,
         nonfinite: NonFinite = "skip",
         max_consecutive_skips: int = 20,
         scaler_checks_nonfinite: bool = False,
@@ -84,14 +148,16 @@ class Clipper:
     ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
-        self.policy = policy
-        self.operator = operator
-        self.params = params
+        pairs = list(named_params.items() if isinstance(named_params, Mapping) else named_params)
+        names, params = [name for name, _ in pairs], [p for _, p in pairs]
+        self.method, self.names = method, names
+        self.policy, self.operator = method.build()
+        self.params: ParamSet | None = ParamSet(names, params, flat_shards, method.exclude)
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.scaler_checks_nonfinite = scaler_checks_nonfinite
         self.stats = stats
-        self.last_nonfinite: list[str] = []
+        self.last_nonfinite: list[str] | None = None
         self.steps = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -107,22 +173,24 @@ class Clipper:
     def step(self, record: bool = False, histogram: bool = False) -> StepRecord | None:
         """Clip the gradients in place; returns a :class:`StepRecord` when ``record`` is true, else None.
         ``histogram`` adds per-layer gradient histograms to a record (with ``stats``)."""
+        if self.params is None:
+            raise RuntimeError("this Clipper was released (its fit ended); build a new one for new parameters")
         layout = self.params.layout()
         if layout is None:
             return None
         self.steps += 1
-        self.last_nonfinite = []
+        self.last_nonfinite = None
         grads = layout.grads()
         watch = self.reads_host or self.scaler_checks_nonfinite
         measured = None
         if self.operator.measures_always or watch or record:
             measured = self.operator.measure(layout, grads)
-        finite = torch.isfinite(measured.total) if watch and measured is not None else None
+        finite = torch.isfinite(measured.overall) if watch and measured is not None else None
         if finite is not None:
-            self._count(finite, measured.total)
+            self._count(finite, measured.overall)
         if self.reads_host:
             if not bool(finite):  # the one host read of a non-recording step
-                return self._nonfinite_step(layout, grads, record)
+                return self._nonfinite_step(layout, grads, measured, record)
             self.consecutive_skips = 0
 
         grad_norms = self._l2_norms(layout, grads, measured) if record else None
@@ -172,19 +240,19 @@ class Clipper:
         self._judged_steps = 0
         return record
 
-    def _nonfinite_step(self, layout: Layout, grads: list[Tensor], record: bool) -> StepRecord | None:
-        bad = [name for name, g in zip(layout.names, grads) if not bool(torch.isfinite(g).all())]
+    def _nonfinite_step(
+        self, layout: Layout, grads: list[Tensor], measured: Measured, record: bool
+    ) -> StepRecord | None:
+        flags = (~torch.isfinite(measured.norms)).tolist()  # per full tensor, after the collective: one read
+        bad = [name for name, flag in zip(layout.names, flags) if flag]
         if bad:
             listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        else:  # every local element is finite: the norm overflowed, or (sharded) another rank holds the NaN/Inf
-            largest = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0)  # local: no collective
-            listed = (
-                "none of this rank's tensors (the norm overflowed float32, or another rank's shard holds NaN/Inf; "
-                f"largest |gradient| here {largest:.3g})"
-            )
+        else:
+            listed = "no single tensor (every tensor's norm is finite; their global norm overflowed float32)"
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
-                f"non-finite gradients (NaN/Inf) at optimizer step {self.steps} in: {listed}. "
+                f"non-finite gradients (a NaN/Inf element, or a norm beyond float32) at optimizer step {self.steps} "
+                f"in: {listed}. "
                 "Use nonfinite='skip' to skip such steps instead."
             )
         grad_norms = tensor_norms(layout, grads, 2.0) if record else None
@@ -203,6 +271,11 @@ class Clipper:
         if grad_norms is None:
             return None
         return self._record(layout, grad_norms, torch.zeros_like(grad_norms), math.nan, before)
+
+    def release(self) -> None:
+        """Drop every reference to the parameters (their layouts and gradients), keeping the counters and the
+        policy's state: a callback reused over several fits keeps no model of an earlier fit alive."""
+        self.params = None
 
     def state_dict(self) -> dict[str, Any]:
         return {

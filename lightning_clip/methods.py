@@ -1,16 +1,23 @@
-"""The named clipping methods: each one a threshold policy x a clip operator, with its parameter table.
+"""The clipping methods: one frozen dataclass per method, the one definition everything else follows.
 
-``METHODS`` is the single source of truth for names, defaults, allowed values and docs; the callback, the Hydra
-configs and the README table all follow it. ``resolve`` checks a user's arguments and fills in defaults, so a
-wrong value fails when the callback is constructed, naming the parameter, the value and what is allowed.
+A method is a threshold policy (``thresholds.py``: what limit applies) times a clip operator (``operators.py``: how
+gradients are measured and scaled). Its dataclass holds its parameters with their defaults, meanings and checks,
+and builds the (policy, operator) pair the engine runs. The callback's keyword arguments, its error messages, the
+Hydra schemas (``configs.py``) and the README's parameter tables all come from these classes::
+
+    from lightning_clip import AGC, GradientClipping
+    GradientClipping(AGC(clip_factor=0.02))            # a method object
+    GradientClipping("agc", clip_factor=0.02)          # the same, by name (Hydra, LightningCLI)
+
+A value out of range raises ``ValueError`` naming the parameter, the value and what is allowed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from lightning_clip.operators import (
     ClipOperator,
@@ -29,20 +36,8 @@ from lightning_clip.thresholds import (
     ZClipThreshold,
 )
 
-REQUIRED = object()
 
-
-@dataclass(frozen=True)
-class Param:
-    """One parameter of a method: its default (or ``REQUIRED``), a normaliser that returns the checked value or
-    raises ``ValueError`` with what is allowed, its meaning for the docs, and its type in Hydra schemas."""
-
-    default: Any
-    check: Callable[[Any], Any]
-    doc: str
-    annotation: Any = float
-
-
+# ------------------------------------------------------------------------------------------------- checks
 def _positive(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise ValueError("a finite number > 0")
@@ -87,6 +82,7 @@ def _optional_positive(value: Any) -> float | None:
 
 def _choice(*options: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
+        value = getattr(value, "value", value)  # a str Enum from a Hydra schema
         if value not in options:
             raise ValueError("one of " + ", ".join(repr(o) for o in options))
         return value
@@ -94,7 +90,10 @@ def _choice(*options: str) -> Callable[[Any], str]:
     return check
 
 
-def _patterns(value: Any) -> tuple[str, ...]:
+def patterns(value: Any) -> tuple[str, ...]:
+    """A glob or a list of globs, as a tuple."""
+    if value is None:
+        return ()
     if isinstance(value, str):
         return (value,)
     if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
@@ -102,128 +101,253 @@ def _patterns(value: Any) -> tuple[str, ...]:
     raise ValueError("a glob pattern or a list of glob patterns, e.g. ['head.*', 'fc']")
 
 
-_MAX_NORM = Param(1.0, _positive, "largest norm allowed")
-_NORM_TYPE = Param(2.0, _norm_type, "p of the p-norm: 1, 2, ... or inf", Any)
-_SCHEDULE = {
-    "schedule": Param(
-        "constant", _choice(*ScheduledThreshold.SCHEDULES), "the threshold over steps: constant, linear, cosine", str
-    ),
-    "schedule_steps": Param(1000, _count, "optimizer steps the linear warmup or cosine decay takes", int),
-    "schedule_factor": Param(0.1, _positive, "start (linear) or end (cosine) of the schedule, times the threshold"),
-}
+def parameter(default: Any, check: Callable[[Any], Any], doc: str, annotation: Any = float) -> Any:
+    """A method parameter: its default (``dataclasses.MISSING`` when required), the check that normalises it or
+    raises ``ValueError`` with what is allowed, its meaning (docs, README, errors) and its Hydra type."""
+    metadata = {"check": check, "doc": doc, "annotation": annotation}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
-def _scheduled(value: float, p: dict[str, Any]) -> ThresholdPolicy:
-    if p["schedule"] == "constant":
-        return FixedThreshold(value)
-    return ScheduledThreshold(value, p["schedule"], p["schedule_steps"], p["schedule_factor"])
+_SCHEDULES = ScheduledThreshold.SCHEDULES
 
 
-@dataclass(frozen=True)
+# ------------------------------------------------------------------------------------------------- methods
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Method:
-    """A clipping method: its parameter table and how to build (policy, operator) from checked parameters."""
+    """Base of every clipping method: checks its fields on construction; ``build()`` gives a fresh (policy,
+    operator) pair. ``name`` is the method's name in configs; ``renamed`` maps former keyword names to current
+    ones; ``preset`` gives required parameters the value the packaged Hydra config starts from."""
 
-    doc: str
-    params: Mapping[str, Param]
-    build: Callable[[dict[str, Any]], tuple[ThresholdPolicy, ClipOperator]]
+    name: ClassVar[str]
+    renamed: ClassVar[Mapping[str, str]] = {}
+    preset: ClassVar[Mapping[str, Any]] = {}
+
+    exclude: tuple[str, ...] = parameter(
+        (),
+        patterns,
+        "glob patterns of parameter or module names left unclipped (still measured and recorded)",
+        list[str],
+    )
+
+    def __post_init__(self) -> None:
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            try:
+                checked = spec.metadata["check"](value)
+            except ValueError as allowed:
+                raise ValueError(
+                    f"{spec.name}={value!r} is invalid for method={self.name!r}: expected {allowed}"
+                ) from None
+            object.__setattr__(self, spec.name, checked)
+
+    def build(self) -> tuple[ThresholdPolicy, ClipOperator]:
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        """The parameters and their values (tuples as lists, as configs and loggers hold them)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def specs(cls) -> list[dataclasses.Field]:
+        """The parameters' fields (name, default, ``metadata['doc']`` ...), in declaration order."""
+        return list(dataclasses.fields(cls))
+
+    @classmethod
+    def summary(cls) -> str:
+        return " ".join((cls.__doc__ or "").split("\n\n")[0].split())
 
 
-METHODS: dict[str, Method] = {
-    "none": Method(
-        doc="Measure and record only; no gradient is changed.",
-        params={},
-        build=lambda p: (FixedThreshold(math.inf), NoClip()),
-    ),
-    "norm": Method(
-        doc="Global norm clipping (Pascanu et al. 2013), as torch.nn.utils.clip_grad_norm_.",
-        params={"max_norm": _MAX_NORM, "norm_type": _NORM_TYPE, **_SCHEDULE},
-        build=lambda p: (_scheduled(p["max_norm"], p), GlobalNormClip(p["norm_type"])),
-    ),
-    "value": Method(
-        doc="Element-wise clipping to [-clip_value, clip_value], as torch.nn.utils.clip_grad_value_.",
-        params={"clip_value": Param(REQUIRED, _positive, "largest absolute value allowed (required)")},
-        build=lambda p: (FixedThreshold(p["clip_value"]), ValueClip()),
-    ),
-    "tensor_norm": Method(
-        doc="Each parameter tensor clipped to its own max_norm (Keras clipnorm).",
-        params={"max_norm": _MAX_NORM, "norm_type": _NORM_TYPE, **_SCHEDULE},
-        build=lambda p: (_scheduled(p["max_norm"], p), TensorNormClip(p["norm_type"])),
-    ),
-    "agc": Method(
-        doc="Unit-wise adaptive gradient clipping (Brock et al. 2021).",
-        params={
-            "clip_factor": Param(0.01, _positive, "largest ratio of unit gradient norm to unit parameter norm"),
-            "eps": Param(1e-3, _positive, "floor on the unit parameter norm (zero-initialised parameters)"),
-            "exclude": Param((), _patterns, "glob patterns of parameter or module names left unclipped", list[str]),
-            **_SCHEDULE,
-        },
-        build=lambda p: (_scheduled(p["clip_factor"], p), UnitwiseClip(p["eps"], p["exclude"])),
-    ),
-    "autoclip": Method(
-        doc="Global norm clipped to a percentile of the history of norms (Seetharaman et al. 2020).",
-        params={
-            "percentile": Param(10.0, _percentile, "percentile of past global norms used as the threshold"),
-            "window": Param(1000, _count, "how many past norms are kept (the paper keeps all)", int),
-        },
-        build=lambda p: (AutoClipThreshold(p["percentile"], p["window"]), GlobalNormClip(2.0)),
-    ),
-    "zclip": Method(
-        doc="Global norm spikes found by a z-score over EMA statistics (Kumar et al. 2025).",
-        params={
-            "alpha": Param(0.97, _fraction, "EMA smoothing of the mean and variance of the norm"),
-            "z_thresh": Param(2.5, _positive, "z-score above which a norm is a spike"),
-            "warmup_steps": Param(25, _count, "steps whose norms start the EMA (no adaptive clipping before)", int),
-            "mode": Param("zscore", _choice("zscore", "percentile"), "zscore or percentile", str),
-            "clip_option": Param(
-                "adaptive_scaling", _choice("adaptive_scaling", "mean"), "zscore mode: clip spikes to", str
-            ),
-            "clip_factor": Param(1.0, _positive, "scales the adaptive threshold (adaptive_scaling)"),
-            "max_norm": Param(None, _optional_positive, "optional absolute cap, warmup included", float | None),
-            "skip_update_on_spike": Param(False, _flag, "leave the EMA alone on spikes", bool),
-            "eps": Param(1e-6, _positive, "added to the standard deviation in the z-score"),
-        },
-        build=lambda p: (ZClipThreshold(**p), GlobalNormClip(2.0)),
-    ),
-    "adagc": Method(
-        doc="Per-tensor thresholds from an EMA of each tensor's clipped norm (Wang et al. 2025).",
-        params={
-            "beta": Param(0.98, _fraction, "EMA smoothing of each tensor's clipped norm"),
-            "lambda_rel": Param(1.05, _positive, "threshold = lambda_rel x the tensor's EMA"),
-            "lambda_abs": Param(1.0, _positive, "global norm limit during warmup"),
-            "warmup_steps": Param(100, _count, "steps of global clipping that start each tensor's threshold", int),
-        },
-        build=lambda p: (AdaGCThreshold(**p), TensorNormClip(2.0)),
-    ),
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Scheduled(Method):
+    """A fixed threshold, or one that follows a schedule over optimizer steps."""
+
+    schedule: str = parameter(
+        "constant", _choice(*_SCHEDULES), "the threshold over optimizer steps: constant, linear, cosine", str
+    )
+    schedule_steps: int = parameter(1000, _count, "optimizer steps the linear warmup or cosine decay takes", int)
+    schedule_factor: float = parameter(
+        0.1, _positive, "start (linear) or end (cosine) of the schedule, times the threshold"
+    )
+
+    def _threshold(self, value: float) -> ThresholdPolicy:
+        if self.schedule == "constant":
+            return FixedThreshold(value)
+        return ScheduledThreshold(value, self.schedule, self.schedule_steps, self.schedule_factor)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NoClipping(Method):
+    """Measure and record only; no gradient is changed."""
+
+    name = "none"
+
+    def build(self):
+        return FixedThreshold(math.inf), NoClip()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Norm(_Scheduled):
+    """Global norm clipping (Pascanu et al. 2013, "On the difficulty of training recurrent neural networks"): all
+    gradients scaled so that their global norm is at most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``."""
+
+    name = "norm"
+    max_norm: float = parameter(1.0, _positive, "largest global norm allowed")
+    norm_type: float = parameter(2.0, _norm_type, "p of the p-norm: 1, 2, ... or inf", Any)
+
+    def build(self):
+        return self._threshold(self.max_norm), GlobalNormClip(self.norm_type)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Value(Method):
+    """Element-wise clipping to ``[-clip_value, clip_value]``, as ``torch.nn.utils.clip_grad_value_``."""
+
+    name = "value"
+    preset = {"clip_value": 1.0}
+    clip_value: float = parameter(dataclasses.MISSING, _positive, "largest absolute value allowed (required)")
+
+    def build(self):
+        return FixedThreshold(self.clip_value), ValueClip()
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorNorm(_Scheduled):
+    """Each parameter tensor clipped to its own ``max_norm`` (Keras ``clipnorm``, as opposed to
+    ``global_clipnorm``)."""
+
+    name = "tensor_norm"
+    max_norm: float = parameter(1.0, _positive, "largest norm allowed per tensor")
+    norm_type: float = parameter(2.0, _norm_type, "p of the p-norm: 1, 2, ... or inf", Any)
+
+    def build(self):
+        return self._threshold(self.max_norm), TensorNormClip(self.norm_type)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AGC(_Scheduled):
+    """Unit-wise adaptive gradient clipping (Brock et al. 2021, "High-Performance Large-Scale Image Recognition
+    Without Normalization", section 4.1): each unit's gradient norm (a row of a weight, an output channel of a conv
+    kernel, a whole 1-D tensor) is at most ``clip_factor`` times its parameter norm; the schedule applies to
+    ``clip_factor``. The paper leaves the final classifier unclipped: ``exclude=["head"]``."""
+
+    name = "agc"
+    clip_factor: float = parameter(0.01, _positive, "largest ratio of unit gradient norm to unit parameter norm")
+    eps: float = parameter(1e-3, _positive, "floor on the unit parameter norm, so zero-initialised parameters learn")
+
+    def build(self):
+        return self._threshold(self.clip_factor), UnitwiseClip(self.eps)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AutoClip(Method):
+    """AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"):
+    global norm clipping at the ``percentile``-th percentile of the global norms seen so far (current included)."""
+
+    name = "autoclip"
+    percentile: float = parameter(10.0, _percentile, "percentile of past global norms used as the threshold")
+    window: int = parameter(1000, _count, "how many past norms are kept (the paper keeps all)", int)
+
+    def build(self):
+        return AutoClipThreshold(self.percentile, self.window), GlobalNormClip(2.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ZClip(Method):
+    """ZClip (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): a global norm whose
+    z-score over EMA statistics of past norms exceeds ``z_thresh`` is a spike, and is clipped."""
+
+    name = "zclip"
+    renamed = {
+        "clip_factor": "threshold_scale",
+        "max_norm": "threshold_cap",
+        "skip_update_on_spike": "freeze_on_spike",
+        "eps": "std_eps",
+    }
+    alpha: float = parameter(0.97, _fraction, "EMA smoothing of the mean and variance of the norm")
+    z_thresh: float = parameter(2.5, _positive, "z-score above which a norm is a spike")
+    warmup_steps: int = parameter(25, _count, "finite steps whose norms start the EMA, before adaptive clipping", int)
+    mode: str = parameter("zscore", _choice("zscore", "percentile"), "zscore or percentile", str)
+    clip_option: str = parameter(
+        "adaptive_scaling", _choice("adaptive_scaling", "mean"), "zscore mode: clip spikes to", str
+    )
+    threshold_scale: float = parameter(1.0, _positive, "scales the adaptive_scaling threshold (< 1 clips harder)")
+    threshold_cap: float | None = parameter(
+        None, _optional_positive, "optional absolute cap on the threshold, warmup included", float | None
+    )
+    freeze_on_spike: bool = parameter(False, _flag, "leave the EMA unchanged on spikes", bool)
+    std_eps: float = parameter(1e-6, _positive, "added to the standard deviation in the z-score")
+
+    def build(self):
+        policy = ZClipThreshold(
+            alpha=self.alpha,
+            z_thresh=self.z_thresh,
+            warmup_steps=self.warmup_steps,
+            mode=self.mode,
+            clip_option=self.clip_option,
+            clip_factor=self.threshold_scale,
+            max_norm=self.threshold_cap,
+            skip_update_on_spike=self.freeze_on_spike,
+            eps=self.std_eps,
+        )
+        return policy, GlobalNormClip(2.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdaGC(Method):
+    """AdaGC (Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining"):
+    per-tensor clipping at ``lambda_rel`` times an EMA of each tensor's clipped norm, after a global-norm warmup."""
+
+    name = "adagc"
+    beta: float = parameter(0.98, _fraction, "EMA smoothing of each tensor's clipped norm")
+    lambda_rel: float = parameter(1.05, _positive, "each tensor is clipped to lambda_rel x its EMA")
+    lambda_abs: float = parameter(1.0, _positive, "global norm limit during warmup")
+    warmup_steps: int = parameter(
+        100, _count, "finite steps of global clipping that start each tensor's threshold", int
+    )
+
+    def build(self):
+        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps)
+        return policy, TensorNormClip(2.0)
+
+
+#: The methods by name, in the order the docs list them.
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls for cls in (NoClipping, Norm, Value, TensorNorm, AGC, AutoClip, ZClip, AdaGC)
 }
 
-#: Every parameter name of every method (the callback's keyword arguments besides its shared options).
-PARAMETER_NAMES: tuple[str, ...] = tuple(dict.fromkeys(name for m in METHODS.values() for name in m.params))
+#: Every parameter name of every method: the callback's keyword arguments besides its own options.
+PARAMETER_NAMES: tuple[str, ...] = tuple(dict.fromkeys(f.name for m in METHODS.values() for f in m.specs()))
 
 
-def resolve(method: str, given: Mapping[str, Any]) -> dict[str, Any]:
-    """Check ``given`` (the parameters the user set, ``None`` meaning unset) against ``method``'s table and return
-    all its parameters with defaults filled in. Raises ``ValueError`` naming the parameter, value and what is
-    allowed."""
-    if method not in METHODS:
+def from_arguments(method: str, given: Mapping[str, Any]) -> Method:
+    """The method named ``method`` from keyword arguments (``None`` meaning unset), as the callback receives them.
+    Raises ``ValueError`` for an unknown method, a parameter it does not take (naming the new name of a renamed
+    one), a missing required parameter, or a value out of range."""
+    cls = METHODS.get(method)
+    if cls is None:
         raise ValueError(f"method={method!r} is not a clipping method; choose one of: {', '.join(METHODS)}")
-    table = METHODS[method].params
-    set_params = {k: v for k, v in given.items() if v is not None}
-    foreign = sorted(set(set_params) - set(table))
+    given = {k: v for k, v in given.items() if v is not None}
+    takes = [f.name for f in cls.specs()]
+    foreign = sorted(set(given) - set(takes))
     if foreign:
-        takes = ", ".join(table) if table else "no parameters"
-        raise ValueError(f"method={method!r} does not take {', '.join(foreign)}; {method!r} takes: {takes}")
-    resolved: dict[str, Any] = {}
-    for name, spec in table.items():
-        value = set_params.get(name, spec.default)
-        if value is REQUIRED:
-            raise ValueError(f"method={method!r} requires {name} ({spec.doc})")
-        try:
-            resolved[name] = spec.check(value)
-        except ValueError as allowed:
-            raise ValueError(f"{name}={value!r} is invalid for method={method!r}: expected {allowed}") from None
-    return resolved
+        renames = [f"{old} is now {cls.renamed[old]}" for old in foreign if old in cls.renamed]
+        hint = f" ({'; '.join(renames)})" if renames else ""
+        raise ValueError(
+            f"method={method!r} does not take {', '.join(foreign)}{hint}; {method!r} takes: {', '.join(takes)}"
+        )
+    for spec in cls.specs():
+        if spec.default is dataclasses.MISSING and spec.name not in given:
+            raise ValueError(f"method={method!r} requires {spec.name} ({spec.metadata['doc']})")
+    return cls(**given)
 
 
-def build(method: str, params: Mapping[str, Any]) -> tuple[ThresholdPolicy, ClipOperator]:
-    """A fresh (policy, operator) pair for resolved ``params``."""
-    return METHODS[method].build(dict(params))
+def parameter_table() -> str:
+    """The README's table of every method's parameters (``| method | parameter | default | meaning |``)."""
+    rows = ["| method | parameter | default | meaning |", "|---|---|---|---|"]
+    for name, cls in METHODS.items():
+        for spec in cls.specs():
+            default = "required" if spec.default is dataclasses.MISSING else f"`{spec.default}`"
+            rows.append(f"| `{name}` | `{spec.name}` | {default} | {spec.metadata['doc']} |")
+    return "\n".join(rows)

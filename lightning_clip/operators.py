@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_clip.params import Layout, matches_any
+from lightning_clip.params import Layout
 from lightning_clip.sharding import local
 
 Threshold = float | Tensor
@@ -50,10 +49,10 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
         else:
             norms = torch.stack(torch._foreach_norm(held, norm_type, dtype=_norm_dtype(tensors[0])))
         if len(held) < len(tensors):  # the tensors with no element on this rank have norm 0 here
-            key = ("held", run.start, norms.device)
-            if key not in layout.cache:
-                layout.cache[key] = torch.tensor(layout.held[run.start], device=norms.device)
-            positions = layout.cache[key]
+            key = (run.start, norms.device)
+            if key not in layout.held_index:
+                layout.held_index[key] = torch.tensor(layout.held[run.start], device=norms.device)
+            positions = layout.held_index[key]
             norms = norms.new_zeros(len(tensors)).index_copy_(0, positions, norms)
         per_run.append(norms)
     norms = _concat(per_run)
@@ -86,12 +85,16 @@ def total_norm(norms: Tensor, norm_type: float) -> Tensor:
 
 @dataclass
 class Measured:
-    """What an operator measured before clipping: per-tensor norms (layout order) and their global norm."""
+    """What an operator measured before clipping: per-tensor norms (layout order, every tensor), ``total`` the
+    global norm of the tensors the method clips (what thresholds are set from), ``overall`` the global norm of all
+    tensors, excluded ones included (what the NaN/Inf guard checks; ``total`` itself when nothing is excluded).
+    ``units`` holds AGC's unit norms of gradients and parameters per run, for its ``apply``."""
 
     norms: Tensor
     total: Tensor
     norm_type: float
-    extra: Any = None
+    overall: Tensor
+    units: list[tuple[list[Tensor], list[Tensor]]] | None = None
 
 
 @dataclass
@@ -105,14 +108,26 @@ class Applied:
 
 class ClipOperator:
     """Measures gradients and scales them given a threshold. ``measures_always`` is False when clipping needs no
-    measurement (value clipping), so a step that neither logs nor checks for NaN/Inf reads each gradient once."""
+    measurement (value clipping), so a step that neither logs nor checks for NaN/Inf reads each gradient once.
+    Tensors the layout excludes are measured but never scaled, and left out of ``Measured.total``."""
 
     norm_type: float = 2.0
     measures_always = True
 
     def measure(self, layout: Layout, grads: list[Tensor]) -> Measured:
         norms = tensor_norms(layout, grads, self.norm_type)
-        return Measured(norms, total_norm(norms, self.norm_type), self.norm_type)
+        overall = total_norm(norms, self.norm_type)
+        if layout.clip_mask is None:
+            return Measured(norms, overall, self.norm_type, overall)
+        clipped = torch.where(layout.clip_mask.to(norms.device), norms, 0.0)
+        return Measured(norms, total_norm(clipped, self.norm_type), self.norm_type, overall)
+
+    @staticmethod
+    def _unexcluded(layout: Layout, scale: Tensor) -> Tensor:
+        """Per-tensor scale factors with the excluded tensors' set to 1."""
+        if layout.clip_mask is None:
+            return scale
+        return torch.where(layout.clip_mask.to(scale.device), scale, 1.0)
 
     def apply(self, layout: Layout, grads: list[Tensor], measured: Measured | None, threshold: Threshold) -> Applied:
         raise NotImplementedError
@@ -138,8 +153,8 @@ class GlobalNormClip(ClipOperator):
         assert measured is not None
         coef = torch.clamp(threshold / (measured.total + NORM_EPS), max=1.0)
         for device, run in layout.groups:
-            _foreach_mul_(layout.held_of(run, grads[run]), coef.to(device))
-        return Applied(changed=coef < 1.0, scale=coef.expand(len(layout)))
+            _foreach_mul_(layout.clipped_of(run, grads[run]), coef.to(device))
+        return Applied(changed=coef < 1.0, scale=self._unexcluded(layout, coef.expand(len(layout))))
 
 
 class TensorNormClip(ClipOperator):
@@ -151,9 +166,9 @@ class TensorNormClip(ClipOperator):
 
     def apply(self, layout, grads, measured, threshold) -> Applied:
         assert measured is not None
-        coefs = torch.clamp(threshold / (measured.norms + NORM_EPS), max=1.0)
+        coefs = self._unexcluded(layout, torch.clamp(threshold / (measured.norms + NORM_EPS), max=1.0))
         for device, run in layout.groups:
-            _foreach_mul_(layout.held_of(run, grads[run]), layout.held_of(run, coefs[run].to(device).unbind(0)))
+            _foreach_mul_(layout.clipped_of(run, grads[run]), layout.clipped_of(run, coefs[run].to(device).unbind(0)))
         return Applied(changed=(coefs < 1.0).any(), scale=coefs)
 
 
@@ -167,10 +182,10 @@ class ValueClip(ClipOperator):
     def apply(self, layout, grads, measured, threshold) -> Applied:
         limit = float(threshold)
         for _, run in layout.groups:
-            held = layout.held_of(run, grads[run])
-            if held:
-                torch._foreach_clamp_min_(held, -limit)
-                torch._foreach_clamp_max_(held, limit)
+            clipped = layout.clipped_of(run, grads[run])
+            if clipped:
+                torch._foreach_clamp_min_(clipped, -limit)
+                torch._foreach_clamp_max_(clipped, limit)
         return Applied(changed=None if measured is None else measured.total > limit, scale=None)
 
 
@@ -201,29 +216,26 @@ class UnitwiseClip(ClipOperator):
     Normalization", section 4.1): each unit's gradient ``G_i`` (a row of a weight, an output channel of a conv
     kernel, the whole of a 1-D tensor) is scaled by ``lambda * max(||W_i||, eps) / ||G_i||`` when
     ``||G_i|| / max(||W_i||, eps) > lambda``, with ``lambda`` the clip factor (the threshold). Parameters matching
-    ``exclude`` (the paper excludes the final classifier) are left unclipped.
+    the layout's exclusions (the paper excludes the final classifier) are left unclipped.
 
     torch has no foreach reduction along a dimension, so unit-wise norms take one kernel per tensor of 2+ dims;
     they are then concatenated so that the ratio, the clamping and the scaling are a few kernels per run.
     """
 
-    def __init__(self, eps: float = 1e-3, exclude: tuple[str, ...] = ()) -> None:
+    def __init__(self, eps: float = 1e-3) -> None:
         self.eps = eps
-        self.exclude = tuple(exclude)
 
     def _runs(self, layout: Layout) -> list[_UnitwiseRun]:
-        runs = layout.cache.get("unitwise")
-        if runs is None:
-            runs = [self._split(layout, device, run) for device, run in layout.groups]
-            layout.cache["unitwise"] = runs
-        return runs
+        if layout.unitwise is None:
+            layout.unitwise = [self._split(layout, device, run) for device, run in layout.groups]
+        return layout.unitwise
 
     def _split(self, layout: Layout, device: torch.device, run: slice) -> _UnitwiseRun:
         vectors, excluded, by_rank = [], [], {}
         reducer = layout.reducer
         for position, i in enumerate(range(run.start, run.stop)):
             ndim = layout.params[i].ndim if reducer is None else len(reducer.shapes[i])
-            if matches_any(layout.names[i], self.exclude):
+            if i in layout.excluded:
                 excluded.append(position)
             elif ndim <= 1:
                 vectors.append(position)
@@ -266,7 +278,7 @@ class UnitwiseClip(ClipOperator):
         """Unit norms of gradients and parameters (kept for ``apply``: parameters do not change in between) and
         per-tensor L2 norms. Sharded: one collective turns the local sums of 1-D tensors and of the per-tensor
         totals into full ones (rows of tensors sharded on dim 0 are whole on each rank)."""
-        per_run, extra = [], []
+        per_run, units = [], []
         params = layout.local_params()
         for (_, run), split in zip(layout.groups, self._runs(layout)):
             run_grads = grads[run]
@@ -286,9 +298,10 @@ class UnitwiseClip(ClipOperator):
             norms = torch.empty_like(ordered)
             norms[split.order] = ordered
             per_run.append(norms)
-            extra.append((grad_columns, param_columns))
+            units.append((grad_columns, param_columns))
         norms = _concat(per_run)
-        return Measured(norms, total_norm(norms, 2.0), 2.0, extra=extra)
+        total = total_norm(norms, 2.0)
+        return Measured(norms, total, 2.0, total, units)
 
     @staticmethod
     def _reduce(layout, run, split, grad_columns, param_columns, ordered) -> Tensor:
@@ -309,7 +322,7 @@ class UnitwiseClip(ClipOperator):
     def apply(self, layout, grads, measured, threshold) -> Applied:
         assert measured is not None
         smallest = []
-        for (_, run), split, (grad_columns, param_columns) in zip(layout.groups, self._runs(layout), measured.extra):
+        for (_, run), split, (grad_columns, param_columns) in zip(layout.groups, self._runs(layout), measured.units):
             if not grad_columns:
                 continue
             run_grads = grads[run]

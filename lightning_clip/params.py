@@ -58,8 +58,14 @@ class Layout:
     """The tensors of one optimizer that have gradients, ordered so that each (device, dtype) run is contiguous.
 
     ``groups`` holds ``(device, slice)`` pairs over that order; ``indices`` the position of each tensor in its
-    :class:`ParamSet` (where per-tensor state such as AdaGC's thresholds is kept). ``cache`` is where clip operators
-    keep what they derive once from the static layout (views, exclusion masks).
+    :class:`ParamSet` (where per-tensor state such as AdaGC's thresholds is kept). ``excluded`` holds the layout
+    positions of the tensors the method leaves unclipped (measured and recorded all the same), ``clip_mask`` marks
+    the others (``None`` when nothing is excluded).
+
+    The last fields cache what other modules derive once from the static layout, each written by one module:
+    ``held_index`` (operators: where a run's held tensors go), ``unitwise`` (operators: AGC's split of each run),
+    ``layer_indices`` (stats: the layer of each tensor, per grouping), ``state_index`` (thresholds: ``indices`` as
+    a device tensor).
 
     ``held`` lists, for each run that has any, the positions within the run of the tensors this rank holds
     elements of: a sharded tensor may have none here (FSDP1 places a parameter in one or two ranks' flat shards; a
@@ -74,7 +80,12 @@ class Layout:
     indices: list[int]
     reducer: ShardReducer | None = None
     held: dict[int, list[int]] = field(default_factory=dict)
-    cache: dict[str, Any] = field(default_factory=dict)
+    excluded: frozenset[int] = frozenset()
+    clip_mask: Tensor | None = None
+    held_index: dict[tuple[int, torch.device], Tensor] = field(default_factory=dict)
+    unitwise: list[Any] | None = None
+    layer_indices: dict[Any, Any] = field(default_factory=dict)
+    state_index: Tensor | None = None
 
     @classmethod
     def build(
@@ -83,6 +94,7 @@ class Layout:
         params: Sequence[Tensor],
         indices: Sequence[int] | None = None,
         flat_shards: Mapping[int, FlatShard] | None = None,
+        exclude: Sequence[str] = (),
     ) -> Layout:
         runs: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         sizes = []
@@ -104,7 +116,12 @@ class Layout:
                 run_sizes = [sizes[i] for i in order[run]]
                 if 0 in run_sizes:
                     held[run.start] = [k for k, size in enumerate(run_sizes) if size]
-        return cls(names, params, groups, [indices[i] for i in order], reducer, held)
+        excluded = frozenset(k for k, name in enumerate(names) if matches_any(name, exclude))
+        clip_mask = None
+        if excluded:
+            keep = [k not in excluded for k in range(len(names))]
+            clip_mask = torch.tensor(keep, device=groups[0][0] if groups else None)
+        return cls(names, params, groups, [indices[i] for i in order], reducer, held, excluded, clip_mask)
 
     def grads(self) -> list[Tensor]:
         """The gradients as plain tensors: for sharded parameters their local shards (in-place changes to them
@@ -119,6 +136,15 @@ class Layout:
         keep = self.held.get(run.start)
         return items if keep is None else [items[k] for k in keep]
 
+    def clipped_of(self, run: slice, items: Sequence[Any]) -> Sequence[Any]:
+        """``items`` (one per tensor of ``run``) less those of excluded tensors and of tensors with no element on
+        this rank: what a clip operator scales."""
+        items = self.held_of(run, items)
+        if not self.excluded:
+            return items
+        keep = self.held.get(run.start, range(run.stop - run.start))
+        return [item for k, item in zip(keep, items) if run.start + k not in self.excluded]
+
     def local_params(self) -> list[Tensor]:
         """The parameters, detached, as plain tensors (local shards of DTensors)."""
         return [local(p).detach() for p in self.params]
@@ -131,16 +157,22 @@ class ParamSet:
     """The named parameters of one optimizer, and the cached layouts of those that hold gradients this step.
 
     ``flat_shards`` describes parameters sharded by FSDP1 (:func:`lightning_clip.sharding.fsdp1_shards`); DTensor
-    parameters describe themselves."""
+    parameters describe themselves. ``exclude`` are glob patterns of parameter or module names that clipping leaves
+    alone (:func:`matches_any`)."""
 
     def __init__(
-        self, names: Sequence[str], params: Sequence[Tensor], flat_shards: Mapping[int, FlatShard] | None = None
+        self,
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        flat_shards: Mapping[int, FlatShard] | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         if len(names) != len(params):
             raise ValueError(f"got {len(names)} names for {len(params)} parameters")
         self.names = list(names)
         self.params = list(params)
         self.flat_shards = dict(flat_shards or {})
+        self.exclude = tuple(exclude)
         self._layouts: dict[tuple[int, ...], Layout] = {}
 
     def _missing(self, p: Tensor) -> bool:
@@ -160,7 +192,11 @@ class ParamSet:
             if not present:
                 return None
             layout = Layout.build(
-                [self.names[i] for i in present], [self.params[i] for i in present], present, self.flat_shards
+                [self.names[i] for i in present],
+                [self.params[i] for i in present],
+                present,
+                self.flat_shards,
+                self.exclude,
             )
             self._layouts[missing] = layout
         return layout

@@ -92,11 +92,9 @@ def run_directories(directory: Path) -> list[Path]:
 
 def plot_run(log: RunLog, out: Path) -> list[Path]:
     """``norms.png``, ``clip_rate.png`` and ``heatmap.png`` (when per-layer norms were logged) under ``out``."""
-    import matplotlib.pyplot as plt
-
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
+    fig, ax = plots.figure(9, 4.5)
     for key, style in (("grad/norm", "-"), ("grad/norm_clipped", "-"), ("clip/threshold", "--")):
         steps, values = log.series(key)
         if steps:
@@ -108,7 +106,7 @@ def plot_run(log: RunLog, out: Path) -> list[Path]:
     ax.legend()
     written.append(_save(fig, out / "norms.png"))
 
-    fig, ax = plt.subplots(figsize=(9, 3.5), layout="constrained")
+    fig, ax = plots.figure(9, 3.5)
     steps, values = log.series("clip/rate")
     ax.plot(steps, values, ".-")
     ax.set_ylim(-0.05, 1.05)
@@ -120,7 +118,7 @@ def plot_run(log: RunLog, out: Path) -> list[Path]:
     layers = [k.split("/", 1)[1] for k in log.keys() if k.startswith("grad_norm/")]
     if layers:
         history = {layer: dict(zip(*log.series(f"grad_norm/{layer}"))) for layer in layers}
-        written.append(_save(plots.grad_norm_heatmap(history), out / "heatmap.png"))
+        written.append(_save(plots.grad_norm_heatmap(plots.HeatmapHistory.of(history)), out / "heatmap.png"))
     return written
 
 
@@ -139,8 +137,6 @@ def summarize(log: RunLog) -> dict[str, float | str]:
 
 def compare(logs: list[RunLog], out: Path) -> list[Path]:
     """A markdown table and a plot of the global gradient norm across the runs of a sweep."""
-    import matplotlib.pyplot as plt
-
     rows = [summarize(log) for log in logs]
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -149,7 +145,7 @@ def compare(logs: list[RunLog], out: Path) -> list[Path]:
         lines.append("| " + " | ".join(cells) + " |")
     table = out / "comparison.md"
     table.write_text("\n".join(lines) + "\n")
-    fig, ax = plt.subplots(figsize=(9, 4.5), layout="constrained")
+    fig, ax = plots.figure(9, 4.5)
     for log, row in zip(logs, rows):
         steps, values = log.series("grad/norm")
         ax.plot(steps, values, label=row["overrides"] or row["run"])
@@ -174,7 +170,6 @@ def report(directory: Path) -> list[Path]:
 
 def _save(fig, path: Path) -> Path:
     fig.savefig(path, dpi=110)
-    plots.close(fig)
     return path
 
 

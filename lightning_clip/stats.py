@@ -92,10 +92,10 @@ class LayerStats:
         self.bins = bins
 
     def index(self, layout: Layout, device: torch.device) -> LayerIndex:
-        key = ("layers", self.grouping)
-        if key not in layout.cache:
-            layout.cache[key] = LayerIndex.build(layout, self.grouping, device)
-        return layout.cache[key]
+        index = layout.layer_indices.get(self.grouping)
+        if index is None:
+            index = layout.layer_indices[self.grouping] = LayerIndex.build(layout, self.grouping, device)
+        return index
 
     def before_clip(self, layout: Layout, grads: list[Tensor], histogram: bool = False) -> dict[str, Tensor]:
         """What must be measured before clipping changes the gradients: the largest absolute values (per tensor)

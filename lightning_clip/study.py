@@ -174,10 +174,6 @@ def _cell(value: Any) -> str:
 
 def write_tables(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
     """``results.csv``, ``results.md`` and ``results.png`` (final loss per configuration and task)."""
-    import matplotlib.pyplot as plt
-
-    from lightning_clip import plots
-
     with open(directory / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
@@ -187,19 +183,21 @@ def write_tables(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
         cells = [row.get(c, "") for c in COLUMNS]
         lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
     (directory / "results.md").write_text("\n".join(lines) + "\n")
-    fig = _plot(rows, plt)
+    fig = _plot(rows)
     fig.savefig(directory / "results.png", dpi=110)
-    plots.close(fig)
     return [directory / "results.md", directory / "results.csv", directory / "results.png"]
 
 
-def _plot(rows: list[dict[str, Any]], plt: Any) -> Any:
+def _plot(rows: list[dict[str, Any]]) -> Any:
     """Per task, each configuration's final loss relative to the task's best (log scale, 1 = best): blue where no
     seed diverged, orange where some did (the others' loss), a red cross at the right edge where all did."""
     tasks = sorted({row["task"] for row in rows})
     columns = min(2, len(tasks))
     lines = math.ceil(len(tasks) / columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(7 * columns, 4.5 * lines), layout="constrained", squeeze=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7 * columns, 4.5 * lines), layout="constrained")
+    axes = fig.subplots(lines, columns, squeeze=False)
     for ax in axes.flat[len(tasks) :]:
         ax.set_visible(False)
     for ax, task in zip(axes.flat, tasks):

@@ -266,10 +266,9 @@ class AdaGCThreshold(ThresholdPolicy):
                 grown[: self.gamma.numel()] = self.gamma.to(grown)
             self.gamma = grown
         self.gamma, self.count = self.gamma.to(like.device, like.dtype), self.count.to(like.device)
-        index = layout.cache.get("adagc_index")
-        if index is None:
-            index = layout.cache["adagc_index"] = torch.tensor(layout.indices, device=like.device)
-        return self.gamma, index
+        if layout.state_index is None:
+            layout.state_index = torch.tensor(layout.indices, device=like.device)
+        return self.gamma, layout.state_index
 
     def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
         assert measured is not None

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightning_clip import Clipper, ParamSet, methods
+from lightning_clip import Clipper, methods
 from lightning_clip.stats import LayerGrouping, LayerStats
 
 MODELS = {"200 tensors / 25M": (100, 500), "2000 tensors / 25M": (1000, 158)}
@@ -49,22 +49,20 @@ def names(params) -> list[str]:
 
 
 def clipper(method: str, params, nonfinite: str, flat_shards=None, **kwargs) -> Callable[[], object]:
-    policy, operator = methods.build(method, methods.resolve(method, kwargs))
-    engine = Clipper(policy, operator, ParamSet(names(params), params, flat_shards), nonfinite=nonfinite)
+    engine = Clipper(
+        methods.from_arguments(method, kwargs), zip(names(params), params), flat_shards=flat_shards, nonfinite=nonfinite
+    )
     return engine.step
 
 
 def recording_clipper(params, grad_max: bool) -> Callable[[], object]:
     """Norm clipping on a logging step with per-layer statistics, read to the host in one transfer as the
     callback does."""
-    policy, operator = methods.build("norm", methods.resolve("norm", {}))
     stats = LayerStats(LayerGrouping(), grad_max=grad_max)
-    engine = Clipper(policy, operator, ParamSet(names(params), params), nonfinite="ignore", stats=stats)
+    engine = Clipper(methods.Norm(), zip(names(params), params), nonfinite="ignore", stats=stats)
 
     def step():
-        record = engine.step(record=True)
-        total = torch.linalg.vector_norm(record.grad_norms).reshape(1)
-        return torch.cat([total, *record.layer_stats.values()]).tolist()
+        return engine.step(record=True).read()
 
     return step
 

@@ -23,6 +23,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from lightning_clip import ClippingConfigError, GradientClipping, NonFiniteGradientError
@@ -74,13 +75,13 @@ def main(cfg: DictConfig) -> float:
         return loss
 
     wandb_dir = None
-    if type(logger).__name__ == "WandbLogger":
+    if isinstance(logger, WandbLogger):
         wandb_dir = Path(logger.experiment.dir).parent
         logger.experiment.finish()  # close the run: a sweep's next job starts its own
     plots = report(output) if cfg.report and logger else []
     rate = clipping.clipped_steps / clipping.judged_steps if clipping.judged_steps else math.nan
     print("\n--- lightning_clip run summary ---")
-    print(f"clipping              {clipping.method} {clipping.params}")
+    print(f"clipping              {clipping.method.name} {clipping.method.params()}")
     print(f"final train loss      {loss:.4g}{'' if math.isfinite(loss) else '  (diverged)'}")
     if diverged:
         print(f"stopped at step {trainer.global_step}: {diverged}")

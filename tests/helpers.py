@@ -30,17 +30,18 @@ def make_params(shapes=SHAPES, seed=0, dtype=torch.float32, grad_scale=1.0, zero
 
 
 def named(params, prefix="layer"):
-    return ParamSet([f"{prefix}{i}.weight" for i in range(len(params))], params)
+    """``(name, parameter)`` pairs, as ``Clipper`` takes them."""
+    return [(f"{prefix}{i}.weight", p) for i, p in enumerate(params)]
 
 
 def clone_grads(params):
     return [p.grad.detach().clone() for p in params]
 
 
-def apply(policy: ThresholdPolicy, operator: ClipOperator, params, names=None):
+def apply(policy: ThresholdPolicy, operator: ClipOperator, params, names=None, exclude=()):
     """Clip ``params``' gradients in place with one (policy, operator) pair."""
-    ps = ParamSet(names, params) if names else named(params)
-    layout = ps.layout()
+    names = names or [name for name, _ in named(params)]
+    layout = ParamSet(names, params, exclude=exclude).layout()
     grads = layout.grads()
     measured = operator.measure(layout, grads)
     operator.apply(layout, grads, measured, policy.threshold(layout, measured))

@@ -19,7 +19,7 @@ ADAPTIVE = {
 
 
 def policy_state(clipping):
-    (clipper,) = clipping._clippers.values()
+    (clipper,) = clipping.clippers.values()
     return clipper.policy.state_dict()
 
 
@@ -71,7 +71,7 @@ def test_resume_from_checkpoint_is_exact(method, tmp_path):
 def test_state_is_per_optimizer():
     clipping = GradientClipping("zclip", warmup_steps=2)
     trainer(callbacks=[clipping]).fit(TwoOptimizerModule(), loader())
-    generator, critic = clipping._clippers.values()
+    generator, critic = clipping.clippers.values()
     assert generator.policy is not critic.policy
     assert float(generator.policy.mean) != float(critic.policy.mean)
     assert set(clipping.state_dict()["optimizers"]) == {0, 1}

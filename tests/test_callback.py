@@ -1,14 +1,17 @@
+import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 
 from helpers import timm_style_agc
-from lightning_clip import ClippingConfigError, GradientClipping, NonFiniteGradientError
+from lightning_clip import AGC, ClippingConfigError, GradientClipping, NonFiniteGradientError, Norm
+from lightning_clip.wandb_offline import read_run
 from models import CPUFSDPStrategy, GradProbe, TinyModule, TwoOptimizerModule, loader, trainer
 
 
@@ -33,9 +36,9 @@ METHOD_ARGS = {
 }
 
 
-def manual_run(method, accumulate=1):
+def manual_run(method, accumulate=1, seed=0):
     """The same model and data trained by a plain PyTorch loop that clips with the reference functions."""
-    model = TinyModule()
+    model = TinyModule(seed=seed)
     optimizer = model.configure_optimizers()
     batches = list(loader())
     for i in range(0, len(batches), accumulate):
@@ -56,7 +59,7 @@ def test_trainer_run_matches_plain_loop_with_reference_clipping(method, accumula
     reference = manual_run(method, accumulate)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
-    assert clipping._clippers[next(iter(clipping._clippers))].steps == 4 // accumulate
+    assert clipping.clippers[next(iter(clipping.clippers))].steps == 4 // accumulate
 
 
 def test_callback_after_ours_sees_clipped_gradients():
@@ -129,7 +132,7 @@ def test_skip_leaves_parameters_and_optimizer_state_untouched():
         for name in state_before[key]:
             assert torch.equal(state_before[key][name], state_after[key][name])
     assert not torch.equal(snapshots[1][0][0], snapshots[2][0][0])  # other steps do train
-    clipper = next(iter(clipping._clippers.values()))
+    clipper = next(iter(clipping.clippers.values()))
     assert clipper.skipped_steps == 1
 
 
@@ -144,9 +147,9 @@ def test_two_optimizers_in_manual_optimization_each_clip_their_own():
     model = TwoOptimizerModule()
     trainer(callbacks=[clipping, probe]).fit(model, loader())
     assert len(probe.norms) == 8 and max(probe.norms) <= 0.1 * (1 + 1e-5)
-    clippers = list(clipping._clippers.values())
+    clippers = list(clipping.clippers.values())
     expected = [["generator.weight", "generator.bias"], ["critic.weight", "critic.bias"]]
-    assert [c.params.names for c in clippers] == expected
+    assert [c.names for c in clippers] == expected
     assert {"grad/norm_opt0", "grad/norm_opt1", "clip/rate_opt0"} <= set(clipping.last_metrics)
 
 
@@ -172,7 +175,7 @@ def test_checkpoint_round_trip_restores_counters(tmp_path):
     checkpoint = run.checkpoint_callback.best_model_path
     resumed = GradientClipping("norm", max_norm=1.0)
     trainer(callbacks=[resumed], max_epochs=2).fit(TinyModule(), loader(), ckpt_path=checkpoint)
-    clipper = next(iter(resumed._clippers.values()))
+    clipper = next(iter(resumed.clippers.values()))
     assert (clipper.steps, clipper.skipped_steps) == (8, 1)
 
 
@@ -184,7 +187,10 @@ def test_state_from_another_method_is_refused():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "agc", "max_norm": 1.0}, "method='agc' does not take max_norm; 'agc' takes: clip_factor"),
+        (
+            {"method": "agc", "max_norm": 1.0},
+            "method='agc' does not take max_norm; 'agc' takes: exclude, schedule, schedule_steps",
+        ),
         ({"method": "zclip", "alpha": 2.0}, "alpha=2.0 is invalid for method='zclip': expected a number in (0, 1)"),
         ({"method": "nope"}, "not a clipping method"),
         ({"method": "norm", "max_norm": -1}, "max_norm=-1 is invalid"),
@@ -248,3 +254,99 @@ def test_fsdp1_on_cuda_matches_a_single_device_run(precision):
     assert sharded.judged_steps == plain.judged_steps > 0
     assert sharded.last_metrics["grad/norm"] == pytest.approx(plain.last_metrics["grad/norm"], rel=1e-2)
     assert sharded.last_metrics["grad_norm/body.0"] == pytest.approx(plain.last_metrics["grad_norm/body.0"], rel=1e-2)
+
+
+def test_one_callback_over_five_fits_clips_exactly_keeps_no_model_and_defines_each_runs_summaries(tmp_path):
+    """Hyperparameter loops, notebooks, ``lr_find`` then ``fit``: state belongs to one fit."""
+    clipping = GradientClipping("norm", max_norm=0.5)
+    models = []
+    for k in range(5):
+        model = TinyModule(seed=k)
+        logger = WandbLogger(project="tests", save_dir=str(tmp_path / f"run{k}"), offline=True)
+        trainer([clipping], logger=logger, log_every_n_steps=2).fit(model, loader())
+        logger.experiment.finish()
+        reference = manual_run("norm", seed=k)
+        for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"fit {k}: {name}")
+        run = read_run(tmp_path / f"run{k}")
+        assert run.metrics["grad/norm"].summary.max and run.metrics["grad_norm/body\\.0"].summary.max, k
+        assert len(clipping.clippers) == 1 and clipping.clippers[0].steps == 4
+        models.append(weakref.ref(next(model.parameters())))
+        del model, logger, reference
+    gc.collect()
+    assert [ref() is None for ref in models] == [True] * 5
+
+
+def test_optimizers_option_lets_two_callbacks_clip_a_gan_differently():
+    generator = GradientClipping("norm", max_norm=0.01, optimizers=0)
+    critic = GradientClipping("value", clip_value=0.001, optimizers=[1])
+    probe = GradProbe()
+    trainer(callbacks=[generator, critic, probe]).fit(TwoOptimizerModule(), loader())
+    assert list(generator.clippers) == [0] and list(critic.clippers) == [1]
+    critic_norms, generator_norms = probe.norms[0::2], probe.norms[1::2]  # the critic steps first
+    assert max(generator_norms) <= 0.01 * (1 + 1e-5)
+    assert max(probe.max_abs[0::2]) <= 0.001 * (1 + 1e-6)
+    assert critic_norms[0] == pytest.approx(0.001 * math.sqrt(7), rel=1e-5)  # all 7 elements clamped
+
+
+def test_optimizer_index_out_of_range_is_refused_before_training():
+    with pytest.raises(ClippingConfigError, match=r"optimizers=\[2\] is invalid: the module has 2 optimizer"):
+        trainer([GradientClipping("norm", optimizers=2)]).fit(TwoOptimizerModule(), loader())
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "reference"),
+    [
+        ("norm", {"max_norm": 0.5}, lambda ps: torch.nn.utils.clip_grad_norm_(ps, 0.5)),
+        ("value", {"clip_value": 0.2}, lambda ps: torch.nn.utils.clip_grad_value_(ps, 0.2)),
+        ("tensor_norm", {"max_norm": 0.5}, lambda ps: [torch.nn.utils.clip_grad_norm_([p], 0.5) for p in ps]),
+    ],
+)
+def test_exclude_leaves_matching_parameters_out_of_clipping_for_every_method(method, kwargs, reference):
+    """Excluded tensors are neither scaled nor counted in the global norm: clip_grad_norm_ over the others."""
+    model = TinyModule()
+    probe = GradProbe()
+    trainer([GradientClipping(method, exclude="head", **kwargs), probe], max_steps=1).fit(model, loader())
+    expected = TinyModule()
+    x, y = next(iter(loader()))
+    torch.nn.functional.mse_loss(expected(x), y).backward()
+    reference([p for n, p in expected.named_parameters() if not n.startswith("head")])
+    for got, want in zip(probe.grads[0], [p.grad for p in expected.parameters()]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_a_method_object_and_its_name_clip_alike():
+    by_object, by_name = TinyModule(), TinyModule()
+    trainer([GradientClipping(AGC(clip_factor=0.02))]).fit(by_object, loader())
+    trainer([GradientClipping("agc", clip_factor=0.02)]).fit(by_name, loader())
+    for a, b in zip(by_object.parameters(), by_name.parameters()):
+        assert torch.equal(a, b)
+    with pytest.raises(ClippingConfigError, match="max_norm given beside a method object"):
+        GradientClipping(Norm(), max_norm=2.0)
+
+
+def test_histogram_bins_beyond_wandbs_limit_are_refused():
+    with pytest.raises(
+        ClippingConfigError, match=r"histogram_bins=1000000000 is invalid: expected an integer in \[1, 512\]"
+    ):
+        GradientClipping(histogram_bins=10**9)
+    GradientClipping(histogram_bins=512)
+
+
+def test_lightning_cli_builds_the_callback_from_the_command_line():
+    from lightning.pytorch.cli import LightningCLI
+
+    args = [
+        "--trainer.callbacks+=lightning_clip.GradientClipping",
+        "--trainer.callbacks.method=agc",
+        "--trainer.callbacks.clip_factor=0.02",
+        "--trainer.callbacks.exclude=[head]",
+        "--trainer.max_steps=2",
+        "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false",
+    ]
+    cli = LightningCLI(TinyModule, run=False, args=args, save_config_callback=None)
+    (clipping,) = [c for c in cli.trainer.callbacks if isinstance(c, GradientClipping)]
+    assert clipping.method == AGC(clip_factor=0.02, exclude=("head",))
+    cli.trainer.fit(cli.model, loader())
+    assert clipping.clippers[0].steps == 2

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf.errors import ValidationError
 
-from lightning_clip import ClippingConfigError, GradientClipping
+from lightning_clip import AGC, ClippingConfigError, GradientClipping
 from lightning_clip.configs import OPTION_TYPES, schema
 from lightning_clip.methods import METHODS
 
@@ -27,21 +27,17 @@ def composed(*overrides):
 def test_every_packaged_clipping_config_instantiates(method):
     cfg = composed(f"clipping={method}")
     clipping = instantiate(cfg.clipping)
-    assert isinstance(clipping, GradientClipping) and clipping.method == method
+    assert isinstance(clipping, GradientClipping) and clipping.method.name == method
 
 
 def test_documented_overrides():
     cfg = composed("clipping=agc", "clipping.clip_factor=0.02", "clipping.exclude=[head]", "seed=3")
     clipping = instantiate(cfg.clipping)
-    assert {k: clipping.params[k] for k in ("clip_factor", "eps", "exclude")} == {
-        "clip_factor": 0.02,
-        "eps": 0.001,
-        "exclude": ("head",),
-    }
+    assert clipping.method == AGC(clip_factor=0.02, eps=0.001, exclude=("head",))
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     assert model.hparams.seed == 3 and data.seed == 3
     cfg = composed("clipping=norm", "clipping.max_norm=0.5", "clipping.nonfinite=raise", "logger=csv")
-    assert instantiate(cfg.clipping).params["max_norm"] == 0.5
+    assert instantiate(cfg.clipping).method.max_norm == 0.5
     assert instantiate(cfg.clipping).nonfinite == "raise"
 
 
@@ -93,9 +89,11 @@ def test_value_out_of_range_fails_with_the_callbacks_message():
 
 
 def test_schemas_follow_the_callback_signature():
-    options = set(inspect.signature(GradientClipping.__init__).parameters) - {"self", "method"}
-    method_params = {p for m in METHODS.values() for p in m.params}
+    options = set(inspect.signature(GradientClipping.__init__).parameters) - {"self", "method", "renamed"}
+    method_params = {f.name for m in METHODS.values() for f in m.specs()}
     assert options == set(OPTION_TYPES) | method_params
     for method in METHODS:
         fields = set(schema(method).__dataclass_fields__)
-        assert fields == {"_target_", "_convert_", "method"} | set(METHODS[method].params) | set(OPTION_TYPES)
+        assert fields == {"_target_", "_convert_", "method"} | {f.name for f in METHODS[method].specs()} | set(
+            OPTION_TYPES
+        )

@@ -1,22 +1,33 @@
-"""The README's method tables follow the code's parameter tables."""
+"""The README and the packaged configs follow the methods' definitions."""
 
-import re
 from pathlib import Path
 
-from lightning_clip.methods import METHODS, REQUIRED
+import pytest
 
-README = (Path(__file__).parents[1] / "README.md").read_text()
+from lightning_clip import configs, methods
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
 
 
-def test_readme_lists_every_method_parameter_with_its_default():
-    section = README.split("Parameters per method:", 1)[1].split("\n\n", 2)[1]
-    rows = set(re.findall(r"^\| `(\w+)` \| `(\w+)` \| ([^|]+) \|", section, flags=re.M))
-    expected = set()
-    for name, method in METHODS.items():
-        for param, spec in method.params.items():
-            default = "required" if spec.default is REQUIRED else f"`{spec.default}`"
-            expected.add((name, param, default))
-    assert {(m, p, d.strip()) for m, p, d in rows} == expected
+def test_readme_parameter_table_is_the_one_generated_from_the_definitions():
+    assert methods.parameter_table() in README, (
+        "regenerate it with: python -c 'from lightning_clip import methods; print(methods.parameter_table())'"
+    )
+
+
+@pytest.mark.parametrize("method", list(methods.METHODS))
+def test_packaged_clipping_configs_are_generated_from_the_definitions(method):
+    text = (ROOT / "lightning_clip" / "conf" / "clipping" / f"{method}.yaml").read_text()
+    assert text == configs.packaged_yaml(method)
+
+
+def test_readme_lists_every_packaged_config_and_rename():
+    for method in methods.METHODS:
+        assert f"`{method}`" in README
+    for cls in methods.METHODS.values():
+        for old, new in cls.renamed.items():
+            assert f"`{old}` -> `{new}`" in README, (cls.name, old)
 
 
 def test_readme_quick_start_is_two_commands():

@@ -5,6 +5,7 @@ import torch
 
 from helpers import agc_reference, apply, clone_grads, make_params, timm_style_agc
 from lightning_clip.operators import GlobalNormClip, NoClip, TensorNormClip, UnitwiseClip, ValueClip
+from lightning_clip.params import ParamSet
 from lightning_clip.thresholds import FixedThreshold
 
 
@@ -91,7 +92,7 @@ def test_agc_exclude_by_module_and_parameter_name():
     params = make_params(seed=8)
     names = [f"body.{i}.weight" for i in range(len(params) - 2)] + ["head.weight", "head.bias"]
     expected = agc_reference(params, 0.01, 1e-3, excluded={len(params) - 2, len(params) - 1})
-    apply(FixedThreshold(0.01), UnitwiseClip(exclude=("head",)), params, names=names)
+    apply(FixedThreshold(0.01), UnitwiseClip(), params, names=names, exclude=("head",))
     for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
 
@@ -99,8 +100,8 @@ def test_agc_exclude_by_module_and_parameter_name():
 def test_agc_measures_per_tensor_l2_norms_exactly():
     params = make_params(seed=9)
     expected = torch.stack([p.grad.double().norm() for p in params])
-    layout = apply(FixedThreshold(0.01), UnitwiseClip(exclude=("layer0.*",)), make_params(seed=9))
-    measured = UnitwiseClip(exclude=("layer0.*",)).measure(layout, [p.grad for p in params])
+    layout = apply(FixedThreshold(0.01), UnitwiseClip(), make_params(seed=9), exclude=("layer0.*",))
+    measured = UnitwiseClip().measure(layout, [p.grad for p in params])
     torch.testing.assert_close(measured.norms.double(), expected, rtol=1e-6, atol=0)
 
 
@@ -144,9 +145,7 @@ def test_mixed_dtypes_are_grouped_and_measured_in_one_vector():
 
 
 def _layout_and_grads(params):
-    from helpers import named
-
-    layout = named(params).layout()
+    layout = ParamSet([f"p{i}" for i in range(len(params))], params).layout()
     return layout, layout.grads()
 
 

@@ -7,7 +7,6 @@ from lightning.pytorch.loggers import CSVLogger
 from helpers import HostReads, make_params
 from lightning_clip import GradientClipping, methods
 from lightning_clip.clipper import Clipper
-from lightning_clip.params import ParamSet
 from lightning_clip.stats import LayerGrouping, LayerStats
 from models import GradProbe, TinyModule, loader, trainer
 
@@ -18,8 +17,7 @@ SHAPES = [(4, 3), (4,), (3, 4), (2, 3), (2,), (1,)]
 def recorded(grouping, **kwargs):
     params = make_params(shapes=SHAPES, seed=3, zero_params=(4,))
     grads = [p.grad.clone() for p in params]
-    policy, operator = methods.build("norm", methods.resolve("norm", {"max_norm": 0.1}))
-    clipper = Clipper(policy, operator, ParamSet(NAMES, params), stats=LayerStats(grouping, **kwargs))
+    clipper = Clipper(methods.Norm(max_norm=0.1), zip(NAMES, params), stats=LayerStats(grouping, **kwargs))
     return clipper.step(record=True), params, grads
 
 
@@ -62,9 +60,8 @@ def test_zero_parameters_give_nan_ratio_not_inf():
 def test_host_reads_per_step_with_stats():
     params = make_params(seed=4)
     names = [f"l{i}.weight" for i in range(len(params))]
-    policy, operator = methods.build("norm", methods.resolve("norm", {}))
     stats = LayerStats(LayerGrouping(), grad_max=True)
-    clipper = Clipper(policy, operator, ParamSet(names, params), nonfinite="ignore", stats=stats)
+    clipper = Clipper(methods.Norm(), zip(names, params), nonfinite="ignore", stats=stats)
     clipper.step(record=True)
     with HostReads() as counter:
         clipper.step()

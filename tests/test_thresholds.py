@@ -9,7 +9,6 @@ import torch
 
 from lightning_clip import methods
 from lightning_clip.clipper import Clipper
-from lightning_clip.params import ParamSet
 
 NORMS = [1.0, 1.2, 0.9, 1.1, 8.0, 1.0, 0.95, 1.3, 30.0, 1.05, 0.8, 1.2, 1.1, 5.0, 1.0, 0.9, 1.4, 1.0, 60.0, 1.1]
 WITH_NONFINITE = NORMS[:6] + [math.nan] + NORMS[6:12] + [math.inf] + NORMS[12:]
@@ -18,8 +17,8 @@ WITH_NONFINITE = NORMS[:6] + [math.nan] + NORMS[6:12] + [math.inf] + NORMS[12:]
 def run_global(method, norms, **params):
     """Feed each norm as the gradient norm of one parameter; return the norms after clipping."""
     p = torch.nn.Parameter(torch.zeros(4))
-    policy, operator = methods.build(method, methods.resolve(method, params))
-    clipper = Clipper(policy, operator, ParamSet(["w"], [p]), nonfinite="ignore")
+    clipper = Clipper(methods.from_arguments(method, params), [("w", p)], nonfinite="ignore")
+    policy = clipper.policy
     out = []
     for n in norms:
         p.grad = torch.full((4,), n / 2.0)  # L2 norm n
@@ -113,7 +112,8 @@ def zclip_reference(
     ],
 )
 def test_zclip_matches_reference_code_in_float64(params):
-    ours, policy = run_global("zclip", WITH_NONFINITE, **params)
+    renamed = methods.ZClip.renamed  # the reference code's names -> ours
+    ours, policy = run_global("zclip", WITH_NONFINITE, **{renamed.get(k, k): v for k, v in params.items()})
     expected, mean, var = zclip_reference(WITH_NONFINITE, **params)
     finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
     np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
@@ -150,8 +150,8 @@ def test_adagc_matches_algorithm_in_float64():
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (6,), (3, 3, 2)]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-    policy, operator = methods.build("adagc", methods.resolve("adagc", {"warmup_steps": 5, "lambda_abs": 2.0}))
-    clipper = Clipper(policy, operator, ParamSet(["a", "b", "c"], params), nonfinite="ignore")
+    clipper = Clipper(methods.AdaGC(warmup_steps=5, lambda_abs=2.0), zip("abc", params), nonfinite="ignore")
+    policy = clipper.policy
     steps, ours = [], []
     for t in range(30):
         scale = 40.0 if t in (12, 20) else 1.0

@@ -15,6 +15,7 @@ the same with ``use_orig_params=False`` (the optimizer holds the flat parameters
 Each method's collectives issued inside GradientClipping's hook are counted per optimizer step.
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -126,6 +127,17 @@ def full_params(trainer, model):
         return {clean_name(name): p.detach().clone() for name, p in trainer.strategy.model.named_parameters()}
 
 
+class Warnings(logging.Handler):
+    """What the callback's logger says on this rank."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None, ckpt_path=None):
     strategy = make_strategy(strategy_name)
     plugins = []
@@ -158,7 +170,14 @@ def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None
     )
     model = Sharded(strategy_name, nan_rank=1 if nan else None)
     COLLECTIVES.clear()
-    trainer.fit(model, ckpt_path=ckpt_path)
+    warnings = Warnings()
+    logging.getLogger("lightning_clip").addHandler(warnings)
+    try:
+        trainer.fit(model, ckpt_path=ckpt_path)
+    finally:
+        logging.getLogger("lightning_clip").removeHandler(warnings)
+    warned = [None, None]
+    torch.distributed.all_gather_object(warned, warnings.messages)
     states = [None, None]
     torch.distributed.all_gather_object(states, clipping.state_dict())
     skipped = [None, None]
@@ -167,6 +186,7 @@ def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None
         "params": full_params(trainer, model),
         "metrics": dict(clipping.last_metrics),
         "skipped_per_rank": skipped,
+        "warnings_per_rank": warned,
         "states_per_rank": states,
         "collectives": list(COLLECTIVES),
         "checkpoint": trainer.checkpoint_callback.best_model_path if root else None,

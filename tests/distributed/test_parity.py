@@ -132,9 +132,15 @@ def test_fp16_with_grad_scaler_matches_single_process(tmp_path, strategy):
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
 def test_nan_in_one_ranks_shard_makes_every_rank_skip(tmp_path, strategy):
+    """The NaN is written into rank 1's shard only (DDP: rank 1's loss): rank 0, whose local values are all finite,
+    still skips, and names the layer in its warning, from the per-tensor norms after their one collective."""
     results = launch(tmp_path, strategy, "32-true", "nan")
     for method in ("norm", "zclip"):
         assert results[method]["skipped_per_rank"] == [1.0, 1.0]
+        rank0, rank1 = results[method]["warnings_per_rank"]
+        assert len(rank0) == 1 and "non-finite gradients at global step 2, first in layer" in rank0[0], rank0
+        assert "body.2" in rank0[0]
+        assert rank1 == []  # reported on rank zero only
         assert_matches(results[method], method, nan_at_step=2)
 
 
