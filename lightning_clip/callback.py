@@ -134,7 +134,8 @@ class GradientClipping(Callback):
         arguments = locals()
         given = {key: arguments[key] for key in methods.PARAMETER_NAMES} | renamed
         self.method = _method(method, given)
-        self.nonfinite = _checked("nonfinite", nonfinite, lambda v: v in NONFINITE_MODES, "one of " + ", ".join(NONFINITE_MODES))
+        modes = "one of " + ", ".join(NONFINITE_MODES)
+        self.nonfinite = _checked("nonfinite", nonfinite, lambda v: v in NONFINITE_MODES, modes)
         self.max_consecutive_skips = _count("max_consecutive_skips", max_consecutive_skips)
         self.log_every_n_steps = _count("log_every_n_steps", log_every_n_steps, optional=True)
         if layer_depth is not None and per_parameter:

@@ -120,9 +120,15 @@ class AutoClipThreshold(ThresholdPolicy):
         return {"history": self.history.detach().cpu(), "count": self.count.detach().cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["history"].numel() != self.window:
-            raise ValueError(f"AutoClip state has a window of {state['history'].numel()}, this one {self.window}")
-        self.history, self.count = state["history"].clone(), state["count"].clone()
+        """Restores the history; saved with another ``window``, the most recent norms that fit are kept."""
+        history, count = state["history"], int(state["count"])
+        if history.numel() != self.window:
+            kept = min(count, history.numel(), self.window)
+            order = torch.arange(count - kept, count)
+            history = torch.full((self.window,), math.nan, dtype=history.dtype).index_put(
+                (order % self.window,), history[order % history.numel()]
+            )
+        self.history, self.count = history.clone(), state["count"].clone()
 
 
 class ZClipThreshold(ThresholdPolicy):
@@ -227,9 +233,20 @@ class ZClipThreshold(ThresholdPolicy):
         return {name: t.detach().cpu() for name, t in tensors.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["warmup"].numel() != self.warmup_steps:
-            raise ValueError(f"ZClip state has warmup_steps={state['warmup'].numel()}, this one {self.warmup_steps}")
-        self.warmup, self.count = state["warmup"].clone(), state["count"].clone()
+        """Restores the EMA; saved with another ``warmup_steps``, a finished warmup stays finished and an unfinished
+        one keeps the norms it collected (up to the new length; the next finite step then starts the EMA)."""
+        warmup, count = state["warmup"], state["count"].clone()
+        saved = warmup.numel()
+        if saved != self.warmup_steps:
+            if int(count) >= saved:
+                count = torch.tensor(max(int(count), self.warmup_steps))
+            else:
+                count = torch.tensor(min(int(count), self.warmup_steps - 1))
+            resized = torch.zeros(self.warmup_steps, dtype=warmup.dtype)
+            kept = min(saved, self.warmup_steps)
+            resized[:kept] = warmup[:kept]
+            warmup = resized
+        self.warmup, self.count = warmup.clone(), count
         self.mean, self.var = state["mean"].clone(), state["var"].clone()
 
 

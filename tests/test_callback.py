@@ -1,13 +1,16 @@
 import gc
 import math
+import tracemalloc
 import warnings
 import weakref
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
+from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import timm_style_agc
 from lightning_clip import AGC, ClippingConfigError, GradientClipping, NonFiniteGradientError, Norm
@@ -350,3 +353,37 @@ def test_lightning_cli_builds_the_callback_from_the_command_line():
     assert clipping.method == AGC(clip_factor=0.02, exclude=("head",))
     cli.trainer.fit(cli.model, loader())
     assert clipping.clippers[0].steps == 2
+
+
+def test_host_memory_of_a_long_recorded_run_is_flat():
+    """Every step recorded, 150 layers: the callback's host-side histories (heatmap, metrics) stay bounded."""
+
+    class Deep(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(150)])
+
+        def training_step(self, batch, batch_idx):
+            return self.layers(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    class Memory(pl.Callback):
+        def __init__(self):
+            self.traced = {}
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step in (300, 900):
+                self.traced[trainer.global_step] = tracemalloc.get_traced_memory()[0]
+
+    probe = Memory()
+    data = DataLoader(TensorDataset(torch.randn(900, 2)), batch_size=1)
+    tracemalloc.start()
+    try:
+        trainer([GradientClipping("norm", log_every_n_steps=1, progress_bar=False), probe], max_steps=900).fit(
+            Deep(), data
+        )
+    finally:
+        tracemalloc.stop()
+    assert probe.traced[900] - probe.traced[300] < 128 * 1024, probe.traced
