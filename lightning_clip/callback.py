@@ -27,9 +27,9 @@ from lightning_clip.clipper import NONFINITE_MODES, Clipper, HostRecord
 from lightning_clip.methods import Method
 from lightning_clip.operators import TensorNormClip, UnitwiseClip
 from lightning_clip.params import name_params, optimizer_params
-from lightning_clip.plots import HeatmapHistory
 from lightning_clip.sharding import fsdp1_shards
 from lightning_clip.stats import LayerGrouping, LayerStats
+from lightning_clip.wandb_logging import WandbExtras
 
 log = logging.getLogger("lightning_clip")
 
@@ -48,43 +48,34 @@ class _Fit:
     """What one ``fit`` owns; a new one starts with every fit, so a reused callback carries nothing stale over.
     Clippers are keyed by the optimizer's index in ``trainer.optimizers``, as their state is in checkpoints."""
 
+    wandb: WandbExtras
     clippers: dict[int, Clipper] = field(default_factory=dict)
     records: dict[int, int] = field(default_factory=dict)
     restored: dict[int, dict[str, Any]] = field(default_factory=dict)
-    heatmap: HeatmapHistory = field(default_factory=HeatmapHistory)
-    defined: set[str] = field(default_factory=set)  # keys whose W&B summary is defined
 
 
 class GradientClipping(Callback):
     """Clip the gradients of the optimizer about to step, and record what was done.
 
-    ``GradientClipping("agc", clip_factor=0.02)`` or ``GradientClipping(AGC(clip_factor=0.02))``: ``method`` is a
-    method's name (``none``, ``norm``, ``value``, ``tensor_norm``, ``agc``, ``autoclip``, ``zclip``, ``adagc``) with
-    its parameters as keyword arguments, or a method object (``lightning_clip.methods``: each class documents its
-    parameters). A parameter the method does not take is an error that lists the ones it does.
+    ``GradientClipping("agc", clip_factor=0.02)`` or ``GradientClipping(AGC(clip_factor=0.02))``: a method's name
+    with its parameters as keyword arguments (each method's class in ``lightning_clip.methods`` documents them; a
+    parameter the method does not take is an error that lists the ones it does), or a method object.
 
     Args:
-        method: the clipping method, by name or as an object.
-        max_norm ... std_eps: the method's parameters (see its class; the README has a table per method).
         nonfinite: on NaN/Inf gradients, ``skip`` the optimizer step (parameters and optimizer state unchanged),
-            ``raise`` an error naming the tensors, or ``ignore``. Under fp16 with a GradScaler the scaler already
-            skips such steps, so only their count is kept.
+            ``raise`` an error naming the tensors, or ``ignore``. Under fp16 the GradScaler skips such steps itself.
         max_consecutive_skips: with ``skip``, raise after this many skipped steps in a row.
         log_every_n_steps: record every this many optimizer steps (default: the trainer's ``log_every_n_steps``).
-        layer_stats: record per-layer ``grad_norm``, ``param_norm``, ``grad_ratio``, ``grad_nonfinite``.
-        layer_depth: report layers aggregated to this many components of the module path.
-        per_parameter: report each parameter tensor on its own instead of per module.
-        layer_include / layer_exclude: glob patterns on layer names to report / leave out.
+        layer_stats: record per-layer ``grad_norm``, ``param_norm``, ``grad_ratio``, ``grad_nonfinite``; layers
+            are owning modules, or ``layer_depth`` components of the module path, or tensors (``per_parameter``),
+            filtered by the globs ``layer_include`` / ``layer_exclude``.
         log_grad_max: also record ``grad_max/<layer>``, the largest absolute gradient value before clipping.
-        histogram_every: every this many records, per-layer gradient histograms (W&B only; off by default).
-        histogram_bins: bins per histogram (at most 512, W&B's limit).
-        heatmap_every: every this many records, and at the end of training, a layers x steps image of the
-            per-layer gradient norms (W&B only; default: at the end only).
+        histogram_every, histogram_bins: per-layer gradient histograms every this many records (W&B only).
+        heatmap_every: a layers x steps image of per-layer gradient norms every this many records and at the end.
         progress_bar: show the latest ``grad_norm`` and ``clip_rate`` in Lightning's progress bar.
-        name: tells apart several callbacks of one method (their checkpoint state); thresholds are not part of
-            a callback's identity, so a run resumed with a changed threshold keeps its adaptive state.
-        optimizers: indices in ``configure_optimizers`` of the optimizers this callback clips (default: all), so
-            two callbacks can clip a GAN's generator and critic differently.
+        name: tells apart callbacks of one method in checkpoints (thresholds are not part of the identity: a run
+            resumed with a changed threshold keeps its adaptive state).
+        optimizers: indices of the optimizers to clip (default: all), e.g. a GAN's generator and critic apart.
     """
 
     def __init__(
@@ -157,7 +148,7 @@ class GradientClipping(Callback):
         self.layer_stats, self.log_grad_max, self.progress_bar = layer_stats, log_grad_max, progress_bar
         self.name = _checked("name", name, lambda v: v is None or (isinstance(v, str) and v), "a non-empty string")
         self.optimizers = _indices(optimizers)
-        self._fit = _Fit()
+        self._fit = _Fit(WandbExtras(self.histogram_bins, self.heatmap_every))
         self._reset_summary()
 
     def _reset_summary(self) -> None:
@@ -189,21 +180,9 @@ class GradientClipping(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._fit = _Fit()
+        self._fit = _Fit(WandbExtras(self.histogram_bins, self.heatmap_every))
         self._reset_summary()
-        if trainer.gradient_clip_val:
-            raise ClippingConfigError(
-                f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) and GradientClipping would both clip "
-                "(double clipping): remove gradient_clip_val from the Trainer and set the limit on "
-                "GradientClipping instead, e.g. GradientClipping(method='norm', max_norm=...)."
-            )
-        if isinstance(trainer.strategy, DeepSpeedStrategy):
-            raise ClippingConfigError(
-                "GradientClipping does not support DeepSpeed, which clips inside its engine: use DeepSpeed's own "
-                "`gradient_clipping` setting instead of this callback."
-            )
-        if isinstance(trainer.strategy, FSDPStrategy):
-            _check_fsdp1(self.method, trainer.strategy)
+        _check_trainer(self.method, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         count = len(trainer.optimizers)
@@ -215,12 +194,7 @@ class GradientClipping(Callback):
         for index, optimizer in enumerate(trainer.optimizers):
             if self.optimizers is not None and index not in self.optimizers:
                 continue
-            if _scaler(trainer) is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-                raise ClippingConfigError(
-                    f"{type(optimizer).__name__} unscales fp16 gradients inside its own step (a fused optimizer), "
-                    "so they are still scaled when GradientClipping sees them: use the optimizer without "
-                    "fused=True, or train in bf16-mixed."
-                )
+            _check_optimizer(trainer, optimizer)
             self._clipper(trainer, pl_module, index, optimizer)
         unmatched = [p for p in self.method.exclude if all(c.params.unmatched([p]) for c in self.clippers.values())]
         if unmatched:
@@ -251,11 +225,15 @@ class GradientClipping(Callback):
         histogram = recording and self.histogram_every is not None and records % self.histogram_every == 0
         record = clipper.step(record=recording, histogram=histogram)
         if clipper.last_nonfinite is not None:
-            self._report_skip(trainer, clipper.last_nonfinite, record is not None)
+            _report_skip(
+                trainer,
+                [self.grouping.layer(n) or n for n in clipper.last_nonfinite],
+                record is None and self.layer_stats,
+            )
         if record is None:
             return
         suffix = "" if len(trainer.optimizers) <= 1 else f"_opt{index}"
-        metrics = self._log(trainer, record.read(), suffix)
+        metrics = self._log(trainer, record.read(), suffix, records)
         if self.progress_bar:
             shown = {"grad_norm": metrics["grad/norm"], "clip_rate": metrics.get("clip/rate")}
             pl_module.log_dict(
@@ -265,80 +243,32 @@ class GradientClipping(Callback):
                 on_step=True,
                 on_epoch=False,
             )
-        if self.heatmap_every is not None and records % self.heatmap_every == 0:
-            wandb_logging.log_heatmap(wandb_logging.wandb_loggers(trainer), trainer.global_step, self._fit.heatmap)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        wandb_logging.log_heatmap(wandb_logging.wandb_loggers(trainer), trainer.global_step, self._fit.heatmap)
-
-    def _report_skip(self, trainer: pl.Trainer, names: list[str], recorded: bool) -> None:
-        """A skipped step: warn on rank zero naming the layers that held NaN/Inf (every rank knows them), first
-        one first, and write their ``grad_nonfinite/<layer>`` rows when the step is not a recording step."""
-        layers = list(dict.fromkeys(self.grouping.layer(n) or n for n in names))
-        if trainer.is_global_zero:
-            where = f"first in layer {layers[0]!r} (all: {', '.join(layers)})" if layers else "global norm overflow"
-            log.warning("GradientClipping: non-finite gradients at global step %d, %s; step skipped",
-                        trainer.global_step, where)  # fmt: skip
-        if layers and not recorded and self.layer_stats:
-            for logger in trainer.loggers:
-                logger.log_metrics({f"grad_nonfinite/{layer}": 1.0 for layer in layers}, step=trainer.global_step)
+        self._fit.wandb.finish(trainer)
 
     def _clipper(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer: torch.optim.Optimizer
     ) -> Clipper:
         clipper = self.clippers.get(index)
         if clipper is None:
-            params = optimizer_params(optimizer)
-            flat_shards = None
-            if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1: the root unit wraps pl_module
-                pl_module, flat_shards = trainer.strategy.model, fsdp1_shards(trainer.strategy.model)
-            clipper = Clipper(
-                self.method,
-                zip(name_params(params, pl_module), params),
-                flat_shards=flat_shards,
-                nonfinite=self.nonfinite,
-                max_consecutive_skips=self.max_consecutive_skips,
-                scaler_checks_nonfinite=_scaler(trainer) is not None,
-                stats=LayerStats(self.grouping, self.log_grad_max, self.histogram_bins) if self.layer_stats else None,
-            )
+            stats = LayerStats(self.grouping, self.log_grad_max, self.histogram_bins) if self.layer_stats else None
+            clipper = _build_clipper(self, trainer, pl_module, optimizer, stats)
             if index in self._fit.restored:
                 self._restore(clipper, self._fit.restored.pop(index))
             self.clippers[index] = clipper
         return clipper
 
-    def _log(self, trainer: pl.Trainer, record: HostRecord, suffix: str) -> dict[str, float]:
-        norm, clipped = record.grad_norm, record.clipped_norm
-        metrics = {
-            "grad/norm": norm,
-            "grad/norm_clipped": clipped,
-            "clip/coef": clipped / norm if norm > 0 else 1.0,
-            "clip/nonfinite_steps": record.nonfinite_steps,
-            "clip/skipped_steps": float(record.skipped_steps),
-        }
-        if math.isfinite(record.threshold):
-            metrics["clip/threshold"] = record.threshold
-        if record.judged_steps:
-            metrics["clip/rate"] = record.clipped_steps / record.judged_steps
+    def _log(self, trainer: pl.Trainer, record: HostRecord, suffix: str, count: int) -> dict[str, float]:
+        metrics, norm = record.metrics(), record.grad_norm
         self.largest_grad_norm = max(self.largest_grad_norm, norm) if math.isfinite(norm) else math.inf
         self.clipped_steps += record.clipped_steps
         self.judged_steps += record.judged_steps
-        for stat, values in record.layer_stats.items():
-            metrics.update({f"{stat}/{layer}": value for layer, value in zip(record.layers, values)})
-        if "grad_norm" in record.layer_stats:
-            self._fit.heatmap.add(trainer.global_step, dict(zip(record.layers, record.layer_stats["grad_norm"])))
         keyed = {base + suffix: value for base, value in metrics.items()}
-        loggers = wandb_logging.wandb_loggers(trainer)
-        new = [(base, base + suffix) for base in metrics if base + suffix not in self._fit.defined]
-        self._fit.defined.update(key for _, key in new)
-        wandb_logging.define_summaries(loggers, new)
         self.last_metrics.update(keyed)
         for logger in trainer.loggers:
             logger.log_metrics(keyed, step=trainer.global_step)
-        if record.histograms is not None:
-            maxima = record.layer_stats["grad_max"]
-            wandb_logging.log_histograms(
-                loggers, trainer.global_step, record.layers, record.histograms, maxima, self.histogram_bins
-            )
+        self._fit.wandb.record(trainer, record, metrics, suffix, count)
         return metrics
 
     # ----------------------------------------------------------------------------------------- checkpoint
@@ -348,24 +278,7 @@ class GradientClipping(Callback):
                 "optimizers": optimizers}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version", 1)
-        if version > STATE_VERSION:
-            raise ClippingConfigError(
-                f"GradientClipping: the checkpoint's clipping state has version {version}, written by a newer "
-                f"lightning_clip; this one reads versions up to {STATE_VERSION}: upgrade lightning_clip"
-            )
-        if state_dict.get("method") != self.method.name:
-            raise ClippingConfigError(
-                f"GradientClipping(method={self.method.name!r}) cannot restore state saved by "
-                f"method={state_dict.get('method')!r}"
-            )
-        saved, current = state_dict.get("params", {}), self.method.params()
-        changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]]
-        if changed:
-            rank_zero_warn(
-                f"GradientClipping({self.method.name!r}): resuming with changed parameters ({'; '.join(changed)}); "
-                "the saved adaptive state is restored and the new values apply from now on."
-            )
+        _check_state(self.method, state_dict)
         self._fit.restored = dict(state_dict["optimizers"])
         for index, clipper in self.clippers.items():
             if index in self._fit.restored:
@@ -386,6 +299,41 @@ class GradientClipping(Callback):
             legacy = _legacy_state(states, self.method)
             if legacy is not None:
                 states[self.state_key] = legacy
+
+
+def _report_skip(trainer: pl.Trainer, layers: list[str], unrecorded: bool) -> None:
+    """A skipped step: warn on rank zero naming the layers that held NaN/Inf (every rank knows them: they come from
+    norms after their collective), first one first, and write their ``grad_nonfinite/<layer>`` rows when the step
+    is not a recording step (which writes them itself)."""
+    layers = list(dict.fromkeys(layers))
+    if trainer.is_global_zero:
+        where = f"first in layer {layers[0]!r} (all: {', '.join(layers)})" if layers else "global norm overflow"
+        log.warning(
+            "GradientClipping: non-finite gradients at global step %d, %s; step skipped", trainer.global_step, where
+        )
+    if layers and unrecorded:
+        for logger in trainer.loggers:
+            logger.log_metrics({f"grad_nonfinite/{layer}": 1.0 for layer in layers}, step=trainer.global_step)
+
+
+def _build_clipper(
+    callback: GradientClipping, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer, stats
+) -> Clipper:
+    """The engine for one optimizer: its parameters with the module's names (FSDP1: the root unit's, with the
+    layout of its flat shards)."""
+    params = optimizer_params(optimizer)
+    flat_shards = None
+    if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1: the root unit wraps pl_module
+        pl_module, flat_shards = trainer.strategy.model, fsdp1_shards(trainer.strategy.model)
+    return Clipper(
+        callback.method,
+        zip(name_params(params, pl_module), params),
+        flat_shards=flat_shards,
+        nonfinite=callback.nonfinite,
+        max_consecutive_skips=callback.max_consecutive_skips,
+        scaler_checks_nonfinite=_scaler(trainer) is not None,
+        stats=stats,
+    )
 
 
 def _method(method: str | Method, given: dict[str, Any]) -> Method:
@@ -414,6 +362,52 @@ def _legacy_state(states: dict[str, Any], method: Method) -> dict[str, Any] | No
     current = method.params()
     exact = [c for c in candidates if all(current.get(k) == v for k, v in c["params"].items())]
     return (exact or candidates)[0] if len(exact) == 1 or len(candidates) == 1 else None
+
+
+def _check_trainer(method: Method, trainer: pl.Trainer) -> None:
+    if trainer.gradient_clip_val:
+        raise ClippingConfigError(
+            f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) and GradientClipping would both clip "
+            "(double clipping): remove gradient_clip_val from the Trainer and set the limit on "
+            "GradientClipping instead, e.g. GradientClipping(method='norm', max_norm=...)."
+        )
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        raise ClippingConfigError(
+            "GradientClipping does not support DeepSpeed, which clips inside its engine: use DeepSpeed's own "
+            "`gradient_clipping` setting instead of this callback."
+        )
+    if isinstance(trainer.strategy, FSDPStrategy):
+        _check_fsdp1(method, trainer.strategy)
+
+
+def _check_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+    if _scaler(trainer) is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        raise ClippingConfigError(
+            f"{type(optimizer).__name__} unscales fp16 gradients inside its own step (a fused optimizer), "
+            "so they are still scaled when GradientClipping sees them: use the optimizer without "
+            "fused=True, or train in bf16-mixed."
+        )
+
+
+def _check_state(method: Method, state: dict[str, Any]) -> None:
+    """Refuses saved state that cannot apply (a newer format, another method); warns naming changed parameters."""
+    version = state.get("version", 1)
+    if version > STATE_VERSION:
+        raise ClippingConfigError(
+            f"GradientClipping: the checkpoint's clipping state has version {version}, written by a newer "
+            f"lightning_clip; this one reads versions up to {STATE_VERSION}: upgrade lightning_clip"
+        )
+    if state.get("method") != method.name:
+        raise ClippingConfigError(
+            f"GradientClipping(method={method.name!r}) cannot restore state saved by method={state.get('method')!r}"
+        )
+    saved, current = state.get("params", {}), method.params()
+    changed = [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]]
+    if changed:
+        rank_zero_warn(
+            f"GradientClipping({method.name!r}): resuming with changed parameters ({'; '.join(changed)}); "
+            "the saved adaptive state is restored and the new values apply from now on."
+        )
 
 
 def _check_fsdp1(method: Method, strategy: FSDPStrategy) -> None:

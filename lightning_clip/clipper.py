@@ -114,6 +114,25 @@ class HostRecord:
     layer_stats: dict[str, list[float]]
     histograms: list[float] | None
 
+    def metrics(self) -> dict[str, float]:
+        """The logged scalars: ``grad/norm``, ``grad/norm_clipped``, ``clip/coef``, ``clip/nonfinite_steps``,
+        ``clip/skipped_steps``, ``clip/threshold`` (when finite), ``clip/rate`` (when known), ``<stat>/<layer>``."""
+        norm, clipped = self.grad_norm, self.clipped_norm
+        metrics = {
+            "grad/norm": norm,
+            "grad/norm_clipped": clipped,
+            "clip/coef": clipped / norm if norm > 0 else 1.0,
+            "clip/nonfinite_steps": self.nonfinite_steps,
+            "clip/skipped_steps": float(self.skipped_steps),
+        }
+        if math.isfinite(self.threshold):
+            metrics["clip/threshold"] = self.threshold
+        if self.judged_steps:
+            metrics["clip/rate"] = self.clipped_steps / self.judged_steps
+        for stat, values in self.layer_stats.items():
+            metrics.update({f"{stat}/{layer}": value for layer, value in zip(self.layers, values)})
+        return metrics
+
 
 class Clipper:
     """Clips the gradients of one optimizer's parameters with a clipping method (``methods.py``), given as the

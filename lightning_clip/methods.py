@@ -127,7 +127,8 @@ class Method:
     exclude: tuple[str, ...] = parameter(
         (),
         patterns,
-        "glob patterns of parameter or module names left unclipped (still measured and recorded)",
+        "glob patterns of parameter names (`head.weight`) or module names (`head`) left unclipped: not scaled and "
+        "not counted in the norm the method acts on, still measured, guarded and recorded",
         list[str],
     )
 
@@ -164,11 +165,15 @@ class _Scheduled(Method):
     """A fixed threshold, or one that follows a schedule over optimizer steps."""
 
     schedule: str = parameter(
-        "constant", _choice(*_SCHEDULES), "the threshold over optimizer steps: constant, linear, cosine", str
+        "constant",
+        _choice(*_SCHEDULES),
+        "the threshold over optimizer steps: `constant`, `linear` (warmup from `schedule_factor` x the threshold "
+        "to it), `cosine` (decay from the threshold to `schedule_factor` x it)",
+        str,
     )
-    schedule_steps: int = parameter(1000, _count, "optimizer steps the linear warmup or cosine decay takes", int)
+    schedule_steps: int = parameter(1000, _count, "steps the warmup or decay takes; the end value holds after", int)
     schedule_factor: float = parameter(
-        0.1, _positive, "start (linear) or end (cosine) of the schedule, times the threshold"
+        0.1, _positive, "start (linear) or end (cosine) of the schedule, as a fraction of the threshold (> 0)"
     )
 
     def _threshold(self, value: float) -> ThresholdPolicy:
@@ -193,8 +198,8 @@ class Norm(_Scheduled):
     gradients scaled so that their global norm is at most ``max_norm``, as ``torch.nn.utils.clip_grad_norm_``."""
 
     name = "norm"
-    max_norm: float = parameter(1.0, _positive, "largest global norm allowed")
-    norm_type: float = parameter(2.0, _norm_type, "p of the p-norm: 1, 2, ... or inf", Any)
+    max_norm: float = parameter(1.0, _positive, "largest global norm allowed (> 0)")
+    norm_type: float = parameter(2.0, _norm_type, "p of the p-norm: 1, 2, ... or `inf`", Any)
 
     def build(self):
         return self._threshold(self.max_norm), GlobalNormClip(self.norm_type)
@@ -206,7 +211,7 @@ class Value(Method):
 
     name = "value"
     preset = {"clip_value": 1.0}
-    clip_value: float = parameter(dataclasses.MISSING, _positive, "largest absolute value allowed (required)")
+    clip_value: float = parameter(dataclasses.MISSING, _positive, "largest absolute value allowed (> 0; required)")
 
     def build(self):
         return FixedThreshold(self.clip_value), ValueClip()
@@ -218,8 +223,8 @@ class TensorNorm(_Scheduled):
     ``global_clipnorm``)."""
 
     name = "tensor_norm"
-    max_norm: float = parameter(1.0, _positive, "largest norm allowed per tensor")
-    norm_type: float = parameter(2.0, _norm_type, "p of the p-norm: 1, 2, ... or inf", Any)
+    max_norm: float = parameter(1.0, _positive, "largest norm allowed per tensor (> 0)")
+    norm_type: float = parameter(2.0, _norm_type, "p of the p-norm: 1, 2, ... or `inf`", Any)
 
     def build(self):
         return self._threshold(self.max_norm), TensorNormClip(self.norm_type)
@@ -233,8 +238,14 @@ class AGC(_Scheduled):
     ``clip_factor``. The paper leaves the final classifier unclipped: ``exclude=["head"]``."""
 
     name = "agc"
-    clip_factor: float = parameter(0.01, _positive, "largest ratio of unit gradient norm to unit parameter norm")
-    eps: float = parameter(1e-3, _positive, "floor on the unit parameter norm, so zero-initialised parameters learn")
+    clip_factor: float = parameter(
+        0.01,
+        _positive,
+        "largest ratio of a unit's gradient norm to its parameter norm (> 0); the schedule applies to it",
+    )
+    eps: float = parameter(
+        1e-3, _positive, "floor on the unit parameter norm, so zero-initialised parameters can still learn (> 0)"
+    )
 
     def build(self):
         return self._threshold(self.clip_factor), UnitwiseClip(self.eps)
@@ -246,8 +257,12 @@ class AutoClip(Method):
     global norm clipping at the ``percentile``-th percentile of the global norms seen so far (current included)."""
 
     name = "autoclip"
-    percentile: float = parameter(10.0, _percentile, "percentile of past global norms used as the threshold")
-    window: int = parameter(1000, _count, "how many past norms are kept (the paper keeps all)", int)
+    percentile: float = parameter(
+        10.0, _percentile, "percentile of past global norms used as the threshold, in (0, 100]"
+    )
+    window: int = parameter(
+        1000, _count, "how many past norms are kept (the paper keeps all; a ring buffer on the device)", int
+    )
 
     def build(self):
         return AutoClipThreshold(self.percentile, self.window), GlobalNormClip(2.0)
@@ -265,19 +280,43 @@ class ZClip(Method):
         "skip_update_on_spike": "freeze_on_spike",
         "eps": "std_eps",
     }
-    alpha: float = parameter(0.97, _fraction, "EMA smoothing of the mean and variance of the norm")
-    z_thresh: float = parameter(2.5, _positive, "z-score above which a norm is a spike")
-    warmup_steps: int = parameter(25, _count, "finite steps whose norms start the EMA, before adaptive clipping", int)
-    mode: str = parameter("zscore", _choice("zscore", "percentile"), "zscore or percentile", str)
+    alpha: float = parameter(0.97, _fraction, "EMA smoothing of the norm's mean and variance, in (0, 1)")
+    z_thresh: float = parameter(2.5, _positive, "z-score above which a norm is a spike (> 0)")
+    warmup_steps: int = parameter(
+        25, _count, "finite steps whose norms start the EMA; no adaptive clipping before", int
+    )
+    mode: str = parameter(
+        "zscore",
+        _choice("zscore", "percentile"),
+        "`zscore`: spikes are clipped as `clip_option` says; `percentile`: norms above `mean + z_thresh * std` are "
+        "clipped to it",
+        str,
+    )
     clip_option: str = parameter(
-        "adaptive_scaling", _choice("adaptive_scaling", "mean"), "zscore mode: clip spikes to", str
+        "adaptive_scaling",
+        _choice("adaptive_scaling", "mean"),
+        "`zscore` mode: `adaptive_scaling` clips a spike with z-score z to `mean + z_thresh * std / (z / "
+        "z_thresh)`, `mean` clips it to the mean",
+        str,
     )
-    threshold_scale: float = parameter(1.0, _positive, "scales the adaptive_scaling threshold (< 1 clips harder)")
+    threshold_scale: float = parameter(
+        1.0, _positive, "scales the `adaptive_scaling` threshold (< 1 clips harder; the reference code's `clip_factor`)"
+    )
     threshold_cap: float | None = parameter(
-        None, _optional_positive, "optional absolute cap on the threshold, warmup included", float | None
+        None,
+        _optional_positive,
+        "optional absolute cap on the threshold, warmup included (the reference code's `max_norm`, 1.0 there; none "
+        "here, so nothing needs tuning)",
+        float | None,
     )
-    freeze_on_spike: bool = parameter(False, _flag, "leave the EMA unchanged on spikes", bool)
-    std_eps: float = parameter(1e-6, _positive, "added to the standard deviation in the z-score")
+    freeze_on_spike: bool = parameter(
+        False,
+        _flag,
+        "leave the EMA unchanged on spikes (by default it takes the clipped value; the reference code's "
+        "`skip_update_on_spike`)",
+        bool,
+    )
+    std_eps: float = parameter(1e-6, _positive, "added to the standard deviation in the z-score (> 0)")
 
     def build(self):
         policy = ZClipThreshold(
@@ -300,11 +339,14 @@ class AdaGC(Method):
     per-tensor clipping at ``lambda_rel`` times an EMA of each tensor's clipped norm, after a global-norm warmup."""
 
     name = "adagc"
-    beta: float = parameter(0.98, _fraction, "EMA smoothing of each tensor's clipped norm")
-    lambda_rel: float = parameter(1.05, _positive, "each tensor is clipped to lambda_rel x its EMA")
-    lambda_abs: float = parameter(1.0, _positive, "global norm limit during warmup")
+    beta: float = parameter(0.98, _fraction, "EMA smoothing of each tensor's clipped norm, in (0, 1)")
+    lambda_rel: float = parameter(1.05, _positive, "each tensor is clipped to `lambda_rel` x its EMA (> 0)")
+    lambda_abs: float = parameter(1.0, _positive, "global norm limit during warmup (> 0)")
     warmup_steps: int = parameter(
-        100, _count, "finite steps of global clipping that start each tensor's threshold", int
+        100,
+        _count,
+        "finite steps of global clipping; each tensor's threshold starts at the smallest clipped norm it had",
+        int,
     )
 
     def build(self):
@@ -344,10 +386,13 @@ def from_arguments(method: str, given: Mapping[str, Any]) -> Method:
 
 
 def parameter_table() -> str:
-    """The README's table of every method's parameters (``| method | parameter | default | meaning |``)."""
+    """The README's table of each method's own parameters (``| method | parameter | default | meaning |``)."""
+    shared = {spec.name for spec in Method.specs()}  # every method's (``exclude``): in the options table
     rows = ["| method | parameter | default | meaning |", "|---|---|---|---|"]
     for name, cls in METHODS.items():
         for spec in cls.specs():
+            if spec.name in shared:
+                continue
             default = "required" if spec.default is dataclasses.MISSING else f"`{spec.default}`"
             rows.append(f"| `{name}` | `{spec.name}` | {default} | {spec.metadata['doc']} |")
     return "\n".join(rows)

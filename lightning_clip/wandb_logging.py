@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
+from lightning_clip.clipper import HostRecord
 from lightning_clip.plots import HeatmapHistory, grad_norm_heatmap, png_bytes
 
 STEP = "trainer/global_step"
@@ -81,3 +82,32 @@ def log_heatmap(loggers: Sequence[WandbLogger], step: int, history: HeatmapHisto
     image = wandb.Image(Image.open(io.BytesIO(png_bytes(grad_norm_heatmap(history)))))
     for logger in loggers:
         logger.experiment.log({"grad_norm_heatmap": image, STEP: step})
+
+
+class WandbExtras:
+    """The W&B extras of one fit: summaries defined once per key, per-layer histograms on the records that carry
+    them, and the heatmap of per-layer gradient norms (its bounded history kept only when W&B logs), as an image
+    every ``heatmap_every`` records and at the end."""
+
+    def __init__(self, bins: int, heatmap_every: int | None) -> None:
+        self.bins, self.heatmap_every = bins, heatmap_every
+        self.defined: set[str] = set()
+        self.heatmap = HeatmapHistory()
+
+    def record(self, trainer: pl.Trainer, record: HostRecord, metrics: Mapping[str, float], suffix: str, count: int):
+        loggers = wandb_loggers(trainer)
+        if not loggers:
+            return
+        new = [(base, base + suffix) for base in metrics if base + suffix not in self.defined]
+        self.defined.update(key for _, key in new)
+        define_summaries(loggers, new)
+        step = trainer.global_step
+        if record.histograms is not None:
+            log_histograms(loggers, step, record.layers, record.histograms, record.layer_stats["grad_max"], self.bins)
+        if "grad_norm" in record.layer_stats:
+            self.heatmap.add(step, dict(zip(record.layers, record.layer_stats["grad_norm"])))
+            if self.heatmap_every is not None and count % self.heatmap_every == 0:
+                log_heatmap(loggers, step, self.heatmap)
+
+    def finish(self, trainer: pl.Trainer) -> None:
+        log_heatmap(wandb_loggers(trainer), trainer.global_step, self.heatmap)
