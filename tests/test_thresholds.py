@@ -125,6 +125,34 @@ def test_zclip_matches_reference_code_in_float64(params):
         assert clipped >= 2  # the spikes at 30 and 60 are clipped
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"warmup_steps": 4},
+        {"warmup_steps": 4, "clip_option": "mean"},
+        {"warmup_steps": 4, "mode": "percentile", "z_thresh": 1.5},
+        {"warmup_steps": 3, "clip_factor": 0.7, "alpha": 0.9},
+        {"warmup_steps": 4, "max_grad_norm": 2.0},
+        {"warmup_steps": 4, "skip_update_on_spike": True},
+    ],
+)
+def test_zclip_matches_the_authors_package(params):
+    """The authors' ``zclip`` package (1.0.0, pure PyTorch) on the same norms, finite ones only (its EMA turns NaN on
+    a NaN step). Its names map to ours through ``ZClip.renamed``; its ``max_grad_norm`` is our ``threshold_cap``."""
+    zclip = pytest.importorskip("zclip")
+    theirs = zclip.ZClip(**{"max_grad_norm": None, **params})
+    model = torch.nn.Linear(4, 1, bias=False)
+    expected = []
+    for n in NORMS:
+        model.weight.grad = torch.full((1, 4), n / 2.0)
+        theirs.step(model)
+        expected.append(float(model.weight.grad.norm()))
+    renamed = {**methods.ZClip.renamed, "max_grad_norm": "threshold_cap"}
+    ours, _ = run_global("zclip", NORMS, **{renamed.get(k, k): v for k, v in params.items()})
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    assert any(o < n * (1 - 1e-4) for o, n in zip(ours, NORMS))
+
+
 def adagc_reference(grad_norms, beta, lambda_rel, lambda_abs, warmup_steps):
     """AdaGC (Wang et al. 2025, Algorithm 1) in float64; each row of ``grad_norms`` is one step's per-tensor norms."""
     gamma = [math.inf] * len(grad_norms[0])

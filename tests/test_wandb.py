@@ -13,11 +13,12 @@ from models import GradProbe, TinyModule, loader, trainer
 @pytest.fixture(scope="module")
 def wandb_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("wandb")
-    grads = []
+    grads, params = [], []
 
     class Before(GradProbe):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters()})
+            params.append({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
     logger = WandbLogger(project="tests", save_dir=str(directory), offline=True)
     clipping = GradientClipping(
@@ -26,11 +27,11 @@ def wandb_run(tmp_path_factory):
     run = trainer(callbacks=[Before(), clipping], logger=logger, log_every_n_steps=2, max_epochs=2)
     run.fit(TinyModule(), loader())
     logger.experiment.finish()
-    return read_run(directory), grads
+    return read_run(directory), grads, params
 
 
 def test_history_has_the_scalars_and_per_layer_values(wandb_run):
-    run, grads = wandb_run
+    run, grads, params = wandb_run
     rows = [row for row in run.history if "grad/norm" in row]
     assert [row["trainer/global_step"] for row in rows] == [1, 3, 5, 7]
     for row in rows:
@@ -44,12 +45,26 @@ def test_history_has_the_scalars_and_per_layer_values(wandb_run):
             assert row[f"grad_norm/{layer}"] == pytest.approx(expected, rel=1e-5)
             assert f"param_norm/{layer}" in row and f"grad_ratio/{layer}" in row and f"grad_max/{layer}" in row
         assert row["clip/threshold"] == 0.05
-        assert 0 <= row["clip/rate"] <= 1
+        step = row["trainer/global_step"]
+        assert row["clip/rate"] == sum(agc_would_clip(grads[s], params[s], 0.05) for s in (step - 1, step)) / 2
         assert row["grad/norm_clipped"] <= row["grad/norm"]
 
 
+def agc_would_clip(grads, params, clip_factor, eps=1e-3):
+    """Whether any unit (row, or a whole 1-D tensor) outside ``head`` has |G_i| / max(|W_i|, eps) > clip_factor."""
+    for name, g in grads.items():
+        if name.startswith("head"):
+            continue
+        w = params[name]
+        g_norm = g.double().norm(dim=1) if g.ndim > 1 else g.double().norm().reshape(1)
+        w_norm = w.double().norm(dim=1) if w.ndim > 1 else w.double().norm().reshape(1)
+        if (g_norm / w_norm.clamp(min=eps) > clip_factor).any():
+            return True
+    return False
+
+
 def test_config_records_the_clipping_setup(wandb_run):
-    run, _ = wandb_run
+    run, *_ = wandb_run
     assert run.config["clipping"] == {
         "method": "agc",
         "clip_factor": 0.05,
@@ -63,7 +78,7 @@ def test_config_records_the_clipping_setup(wandb_run):
 
 
 def test_summaries_are_defined_with_exact_escaped_names(wandb_run):
-    run, _ = wandb_run
+    run, *_ = wandb_run
     assert run.metrics["grad/norm"].summary.max
     assert run.metrics["clip/coef"].summary.min
     assert run.metrics["clip/rate"].summary.mean
@@ -72,7 +87,7 @@ def test_summaries_are_defined_with_exact_escaped_names(wandb_run):
 
 
 def test_final_summary_holds_the_maximum(wandb_run):
-    run, _ = wandb_run
+    run, *_ = wandb_run
     norms = [row["grad/norm"] for row in run.history if "grad/norm" in row]
     assert run.summary["grad/norm"]["max"] == pytest.approx(max(norms))
     layer_norms = [row["grad_norm/body.0"] for row in run.history if "grad_norm/body.0" in row]
@@ -82,7 +97,7 @@ def test_final_summary_holds_the_maximum(wandb_run):
 def test_histograms_count_pre_clip_gradients_every_k_records(wandb_run):
     import numpy as np
 
-    run, grads = wandb_run
+    run, grads, params = wandb_run
     rows = [row for row in run.history if "grad_hist/body.0" in row]
     assert [row["trainer/global_step"] for row in rows] == [3, 7]  # every 2nd recording step
     for row in rows:
@@ -101,7 +116,7 @@ def test_histograms_count_pre_clip_gradients_every_k_records(wandb_run):
 
 
 def test_heatmap_image_at_the_end_of_training(wandb_run):
-    run, _ = wandb_run
+    run, *_ = wandb_run
     images = [row for row in run.history if "grad_norm_heatmap" in row]
     assert len(images) == 1
     assert images[0]["grad_norm_heatmap"]["_type"] == "image-file"
