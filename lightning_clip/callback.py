@@ -23,7 +23,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_clip import methods, wandb_logging
-from lightning_clip.clipper import NONFINITE_MODES, Clipper, HostRecord
+from lightning_clip.clipper import NONFINITE_MODES, Clipper, HostRecord, SpikeReport
 from lightning_clip.methods import Method
 from lightning_clip.operators import TensorNormClip, UnitwiseClip
 from lightning_clip.params import name_params, optimizer_params
@@ -64,7 +64,9 @@ class GradientClipping(Callback):
     Args:
         nonfinite: on NaN/Inf gradients, ``skip`` the optimizer step (parameters and optimizer state unchanged),
             ``raise`` an error naming the tensors, or ``ignore``. Under fp16 the GradScaler skips such steps itself.
-        max_consecutive_skips: with ``skip``, raise after this many skipped steps in a row.
+        max_consecutive_skips: with ``skip``, raise after this many skipped steps in a row (spikes included).
+        skip_spikes: skip a step whose global gradient norm exceeds the mean of the last ``spike_window`` norms by
+            more than this many standard deviations (``spikes.py``; needs ``nonfinite="skip"``; off by default).
         log_every_n_steps: record every this many optimizer steps (default: the trainer's ``log_every_n_steps``).
         layer_stats: record per-layer ``grad_norm``, ``param_norm``, ``grad_ratio``, ``grad_nonfinite``; layers
             are owning modules, or ``layer_depth`` components of the module path, or tensors (``per_parameter``),
@@ -107,6 +109,8 @@ class GradientClipping(Callback):
         lambda_abs: float | None = None,
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
         max_consecutive_skips: int = 20,
+        skip_spikes: float | None = None,
+        spike_window: int = 128,
         log_every_n_steps: int | None = None,
         layer_stats: bool = True,
         layer_depth: int | None = None,
@@ -128,6 +132,11 @@ class GradientClipping(Callback):
         modes = "one of " + ", ".join(NONFINITE_MODES)
         self.nonfinite = _checked("nonfinite", nonfinite, lambda v: v in NONFINITE_MODES, modes)
         self.max_consecutive_skips = _count("max_consecutive_skips", max_consecutive_skips)
+        self.spike_window = _count("spike_window", spike_window)
+        self.skip_spikes = _checked("skip_spikes", skip_spikes, _positive_or_none, "a finite number > 0, or None")
+        _checked(
+            "skip_spikes", skip_spikes, lambda v: v is None or nonfinite == "skip", "None with nonfinite != 'skip'"
+        )
         self.log_every_n_steps = _count("log_every_n_steps", log_every_n_steps, optional=True)
         if layer_depth is not None and per_parameter:
             raise ClippingConfigError("GradientClipping: layer_depth and per_parameter=True exclude each other")
@@ -182,26 +191,12 @@ class GradientClipping(Callback):
             return
         self._fit = _Fit(WandbExtras(self.histogram_bins, self.heatmap_every))
         self._reset_summary()
-        _check_trainer(self.method, trainer)
+        _check_trainer(self, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        count = len(trainer.optimizers)
-        if self.optimizers is not None and max(self.optimizers) >= count:
-            raise ClippingConfigError(
-                f"GradientClipping: optimizers={list(self.optimizers)} is invalid: the module has {count} "
-                f"optimizer(s), indices 0..{count - 1}"
-            )
-        for index, optimizer in enumerate(trainer.optimizers):
-            if self.optimizers is not None and index not in self.optimizers:
-                continue
-            _check_optimizer(trainer, optimizer)
+        for index, optimizer in _selected(trainer, self.optimizers):
             self._clipper(trainer, pl_module, index, optimizer)
-        unmatched = [p for p in self.method.exclude if all(c.params.unmatched([p]) for c in self.clippers.values())]
-        if unmatched:
-            rank_zero_warn(
-                f"GradientClipping: exclude pattern(s) {unmatched} match no parameter of any optimizer; "
-                "patterns are globs on parameter names (e.g. 'head.weight') or module names (e.g. 'head')."
-            )
+        _warn_unmatched(self.method.exclude, self.clippers.values())
         wandb_logging.log_config(wandb_logging.wandb_loggers(trainer), self.config())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -224,6 +219,8 @@ class GradientClipping(Callback):
         records = self._fit.records[index] = self._fit.records.get(index, 0) + recording
         histogram = recording and self.histogram_every is not None and records % self.histogram_every == 0
         record = clipper.step(record=recording, histogram=histogram)
+        if clipper.last_spike is not None:
+            _report_spike(trainer, self.grouping.layer(clipper.last_spike.tensor), clipper.last_spike)
         if clipper.last_nonfinite is not None:
             _report_skip(
                 trainer,
@@ -255,7 +252,7 @@ class GradientClipping(Callback):
             stats = LayerStats(self.grouping, self.log_grad_max, self.histogram_bins) if self.layer_stats else None
             clipper = _build_clipper(self, trainer, pl_module, optimizer, stats)
             if index in self._fit.restored:
-                self._restore(clipper, self._fit.restored.pop(index))
+                _restore(clipper, self._fit.restored.pop(index))
             self.clippers[index] = clipper
         return clipper
 
@@ -282,15 +279,7 @@ class GradientClipping(Callback):
         self._fit.restored = dict(state_dict["optimizers"])
         for index, clipper in self.clippers.items():
             if index in self._fit.restored:
-                self._restore(clipper, self._fit.restored.pop(index))
-
-    def _restore(self, clipper: Clipper, state: dict[str, Any]) -> None:
-        try:
-            clipper.load_state_dict(state)
-        except ValueError as error:
-            raise ClippingConfigError(
-                f"GradientClipping({self.method.name!r}) cannot restore its state: {error}"
-            ) from None
+                _restore(clipper, self._fit.restored.pop(index))
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """A checkpoint of lightning_clip 0.1.0 keyed its state by every parameter: find it under that key."""
@@ -299,6 +288,38 @@ class GradientClipping(Callback):
             legacy = _legacy_state(states, self.method)
             if legacy is not None:
                 states[self.state_key] = legacy
+
+
+def _selected(trainer: pl.Trainer, indices: tuple[int, ...] | None) -> list[tuple[int, torch.optim.Optimizer]]:
+    """The (index, optimizer) pairs a callback clips, each checked."""
+    count = len(trainer.optimizers)
+    if indices is not None and max(indices) >= count:
+        raise ClippingConfigError(
+            f"GradientClipping: optimizers={list(indices)} is invalid: the module has {count} optimizer(s), "
+            f"indices 0..{count - 1}"
+        )
+    selected = [(i, opt) for i, opt in enumerate(trainer.optimizers) if indices is None or i in indices]
+    for _, optimizer in selected:
+        _check_optimizer(trainer, optimizer)
+    return selected
+
+
+def _warn_unmatched(patterns: tuple[str, ...], clippers) -> None:
+    unmatched = [p for p in patterns if all(c.params.unmatched([p]) for c in clippers)]
+    if unmatched:
+        rank_zero_warn(
+            f"GradientClipping: exclude pattern(s) {unmatched} match no parameter of any optimizer; "
+            "patterns are globs on parameter names (e.g. 'head.weight') or module names (e.g. 'head')."
+        )
+
+
+def _restore(clipper: Clipper, state: dict[str, Any]) -> None:
+    try:
+        clipper.load_state_dict(state)
+    except ValueError as error:
+        raise ClippingConfigError(
+            f"GradientClipping({clipper.method.name!r}) cannot restore its state: {error}"
+        ) from None
 
 
 def _report_skip(trainer: pl.Trainer, layers: list[str], unrecorded: bool) -> None:
@@ -314,6 +335,13 @@ def _report_skip(trainer: pl.Trainer, layers: list[str], unrecorded: bool) -> No
     if layers and unrecorded:
         for logger in trainer.loggers:
             logger.log_metrics({f"grad_nonfinite/{layer}": 1.0 for layer in layers}, step=trainer.global_step)
+
+
+def _report_spike(trainer: pl.Trainer, layer: str | None, spike: SpikeReport) -> None:
+    if trainer.is_global_zero:
+        log.warning("GradientClipping: gradient-norm spike at global step %d (norm %.4g); step skipped; grew most: "
+                    "layer %r (%.3gx its recent level)", trainer.global_step, spike.norm, layer or spike.tensor,
+                    spike.ratio)  # fmt: skip
 
 
 def _build_clipper(
@@ -333,6 +361,8 @@ def _build_clipper(
         max_consecutive_skips=callback.max_consecutive_skips,
         scaler_checks_nonfinite=_scaler(trainer) is not None,
         stats=stats,
+        skip_spikes=callback.skip_spikes,
+        spike_window=callback.spike_window,
     )
 
 
@@ -364,7 +394,13 @@ def _legacy_state(states: dict[str, Any], method: Method) -> dict[str, Any] | No
     return (exact or candidates)[0] if len(exact) == 1 or len(candidates) == 1 else None
 
 
-def _check_trainer(method: Method, trainer: pl.Trainer) -> None:
+def _check_trainer(callback: GradientClipping, trainer: pl.Trainer) -> None:
+    if callback.skip_spikes is not None and _scaler(trainer) is not None:
+        raise ClippingConfigError(
+            "GradientClipping(skip_spikes=...) cannot run under fp16 with a GradScaler, which owns the decision "
+            "to skip a step (and would halve its scale on every skip): train in bf16-mixed or fp32, or leave "
+            "skip_spikes unset."
+        )
     if trainer.gradient_clip_val:
         raise ClippingConfigError(
             f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) and GradientClipping would both clip "
@@ -377,7 +413,7 @@ def _check_trainer(method: Method, trainer: pl.Trainer) -> None:
             "`gradient_clipping` setting instead of this callback."
         )
     if isinstance(trainer.strategy, FSDPStrategy):
-        _check_fsdp1(method, trainer.strategy)
+        _check_fsdp1(callback.method, trainer.strategy)
 
 
 def _check_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
@@ -447,6 +483,10 @@ def _globs(name: str, value: Any) -> tuple[str, ...]:
         return methods.patterns(value)
     except ValueError as allowed:
         raise ClippingConfigError(f"GradientClipping: {name}={value!r} is invalid: expected {allowed}") from None
+
+
+def _positive_or_none(value: Any) -> bool:
+    return value is None or (not isinstance(value, bool) and isinstance(value, int | float) and 0 < value < math.inf)
 
 
 def _indices(value: Any) -> tuple[int, ...] | None:

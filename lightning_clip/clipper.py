@@ -33,6 +33,7 @@ from lightning_clip.methods import Method
 from lightning_clip.operators import Measured, Threshold, tensor_norms
 from lightning_clip.params import Layout, ParamSet
 from lightning_clip.sharding import FlatShard
+from lightning_clip.spikes import SpikeSkipper
 from lightning_clip.stats import LayerStats
 
 NonFinite = Literal["skip", "raise", "ignore"]
@@ -41,6 +42,16 @@ NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "ignore")
 
 class NonFiniteGradientError(RuntimeError):
     """Gradients held NaN/Inf and the clipper was told to raise (or skipped too many steps in a row)."""
+
+
+@dataclass
+class SpikeReport:
+    """A step skipped as a gradient-norm spike: its global norm, and the tensor whose norm grew most against its own
+    recent level (``ratio`` times it)."""
+
+    tensor: str
+    ratio: float
+    norm: float
 
 
 @dataclass
@@ -60,6 +71,7 @@ class StepRecord:
     judged_steps: int
     nonfinite_steps: Tensor
     skipped_steps: int
+    spike_skipped_steps: int | None = None
     layers: list[str] = field(default_factory=list)
     layer_stats: dict[str, Tensor] = field(default_factory=dict)
 
@@ -91,6 +103,7 @@ class StepRecord:
             judged_steps=self.judged_steps,
             nonfinite_steps=nonfinite_steps,
             skipped_steps=self.skipped_steps,
+            spike_skipped_steps=self.spike_skipped_steps,
             layers=self.layers,
             layer_stats=layer_stats,
             histograms=values[start:] if histogram is not None else None,
@@ -110,6 +123,7 @@ class HostRecord:
     judged_steps: int
     nonfinite_steps: float
     skipped_steps: int
+    spike_skipped_steps: int | None
     layers: list[str]
     layer_stats: dict[str, list[float]]
     histograms: list[float] | None
@@ -125,6 +139,8 @@ class HostRecord:
             "clip/nonfinite_steps": self.nonfinite_steps,
             "clip/skipped_steps": float(self.skipped_steps),
         }
+        if self.spike_skipped_steps is not None:
+            metrics["clip/spike_skipped_steps"] = float(self.spike_skipped_steps)
         if math.isfinite(self.threshold):
             metrics["clip/threshold"] = self.threshold
         if self.judged_steps:
@@ -164,9 +180,13 @@ class Clipper:
         max_consecutive_skips: int = 20,
         scaler_checks_nonfinite: bool = False,
         stats: LayerStats | None = None,
+        skip_spikes: float | None = None,
+        spike_window: int = 128,
     ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
+        if skip_spikes is not None and (nonfinite != "skip" or scaler_checks_nonfinite):
+            raise ValueError("skip_spikes needs nonfinite='skip' and no GradScaler (it owns the skip under fp16)")
         pairs = list(named_params.items() if isinstance(named_params, Mapping) else named_params)
         names, params = [name for name, _ in pairs], [p for _, p in pairs]
         self.method, self.names = method, names
@@ -177,6 +197,9 @@ class Clipper:
         self.scaler_checks_nonfinite = scaler_checks_nonfinite
         self.stats = stats
         self.last_nonfinite: list[str] | None = None
+        self.spikes = SpikeSkipper(skip_spikes, spike_window) if skip_spikes is not None else None
+        self.last_spike: SpikeReport | None = None
+        self.spike_skipped_steps = 0
         self.steps = 0
         self.skipped_steps = 0
         self.consecutive_skips = 0
@@ -198,7 +221,7 @@ class Clipper:
         if layout is None:
             return None
         self.steps += 1
-        self.last_nonfinite = None
+        self.last_nonfinite, self.last_spike = None, None
         grads = layout.grads()
         watch = self.reads_host or self.scaler_checks_nonfinite
         measured = None
@@ -208,8 +231,15 @@ class Clipper:
         if finite is not None:
             self._count(finite, measured.overall)
         if self.reads_host:
-            if not bool(finite):  # the one host read of a non-recording step
-                return self._nonfinite_step(layout, grads, measured, record)
+            proceed, levels = finite, None
+            if self.spikes is not None:
+                spike, levels = self.spikes.is_spike(measured.overall), self.spikes.levels
+                self.spikes.observe(measured.overall, measured.norms, finite)
+                proceed = finite & ~spike
+            if not bool(proceed):  # the one host read of a non-recording step
+                if not bool(finite):
+                    return self._nonfinite_step(layout, grads, measured, record)
+                return self._spike_step(layout, grads, measured, levels, record)
             self.consecutive_skips = 0
 
         grad_norms = self._l2_norms(layout, grads, measured) if record else None
@@ -251,6 +281,7 @@ class Clipper:
             judged_steps=self._judged_steps,
             nonfinite_steps=self._nonfinite_steps,
             skipped_steps=self.skipped_steps,
+            spike_skipped_steps=self.spike_skipped_steps if self.spikes is not None else None,
         )
         if self.stats is not None:
             record.layers = self.stats.index(layout, grad_norms.device).layers
@@ -274,18 +305,34 @@ class Clipper:
                 f"in: {listed}. "
                 "Use nonfinite='skip' to skip such steps instead."
             )
+        self.last_nonfinite = bad
+        return self._skip(layout, grads, record, f"had non-finite gradients (NaN/Inf); last in: {listed}")
+
+    def _spike_step(
+        self, layout: Layout, grads: list[Tensor], measured: Measured, levels: Tensor | None, record: bool
+    ) -> StepRecord | None:
+        """A finite step whose global norm is a spike (``spikes.py``): skipped like a non-finite one, and the
+        tensor whose norm grew most against its own level is named (one read, on this skipped step only)."""
+        ratios = measured.norms / levels.to(measured.norms) if levels is not None else measured.norms
+        index, ratio, norm = torch.stack([ratios.nan_to_num(0.0).argmax().to(ratios), ratios.nan_to_num(0.0).max(),
+                                          measured.overall.to(ratios)]).tolist()  # fmt: skip
+        self.last_spike = SpikeReport(layout.names[int(index)], ratio if levels is not None else math.nan, norm)
+        self.spike_skipped_steps += 1
+        return self._skip(layout, grads, record, "were gradient-norm spikes (skip_spikes)")
+
+    def _skip(self, layout: Layout, grads: list[Tensor], record: bool, why: str) -> StepRecord | None:
+        """Set the gradients to None, so the optimizer step changes no parameter and no optimizer state."""
         grad_norms = tensor_norms(layout, grads, 2.0) if record else None
         before = self.stats.before_clip(layout, grads) if record and self.stats else {}
-        self.last_nonfinite = bad
         for p in layout.params:
             p.grad = None
         self.skipped_steps += 1
         self.consecutive_skips += 1
         if self.consecutive_skips > self.max_consecutive_skips:
             raise NonFiniteGradientError(
-                f"{self.consecutive_skips} optimizer steps in a row had non-finite gradients (NaN/Inf) and were "
-                f"skipped (max_consecutive_skips={self.max_consecutive_skips}); last in: {listed}. Training is "
-                "diverging or the data holds NaN/Inf: lower the learning rate or check the inputs."
+                f"{self.consecutive_skips} optimizer steps in a row {why} and were skipped "
+                f"(max_consecutive_skips={self.max_consecutive_skips}). Training is diverging or the data holds "
+                "NaN/Inf: lower the learning rate or check the inputs."
             )
         if grad_norms is None:
             return None
@@ -303,6 +350,11 @@ class Clipper:
             "consecutive_skips": self.consecutive_skips,
             "nonfinite_steps": self._nonfinite_steps.detach().cpu(),
             "policy": self.policy.state_dict(),
+            **(
+                {"spikes": self.spikes.state_dict(), "spike_skipped_steps": self.spike_skipped_steps}
+                if self.spikes
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -311,3 +363,6 @@ class Clipper:
         self.consecutive_skips = state["consecutive_skips"]
         self._nonfinite_steps = state["nonfinite_steps"].clone()
         self.policy.load_state_dict(state["policy"])
+        if self.spikes is not None and "spikes" in state:
+            self.spikes.load_state_dict(state["spikes"])
+            self.spike_skipped_steps = state["spike_skipped_steps"]

@@ -35,6 +35,8 @@ NonFiniteMode = enum.Enum("NonFiniteMode", {"skip": "skip", "raise": "raise", "i
 OPTION_TYPES: dict[str, Any] = {
     "nonfinite": NonFiniteMode,
     "max_consecutive_skips": int,
+    "skip_spikes": float | None,
+    "spike_window": int,
     "log_every_n_steps": int | None,
     "layer_stats": bool,
     "layer_depth": int | None,

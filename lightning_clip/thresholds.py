@@ -40,6 +40,17 @@ class ThresholdPolicy:
         pass
 
 
+def resized_ring(history: Tensor, count: int, window: int) -> Tensor:
+    """A ring buffer of the last ``count`` values (slot ``i % len``) moved to one of ``window`` slots, keeping the
+    most recent values that fit; unfilled slots are NaN."""
+    if history.numel() == window:
+        return history.clone()
+    kept = min(count, history.numel(), window)
+    order = torch.arange(count - kept, count)
+    empty = torch.full((window,), math.nan, dtype=history.dtype)
+    return empty.index_put((order % window,), history[order % history.numel()])
+
+
 def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
     """Whether this step may update adaptive state: its measured norm is finite (and the clipper agrees)."""
     usable = torch.isfinite(measured.total)
@@ -121,14 +132,8 @@ class AutoClipThreshold(ThresholdPolicy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the history; saved with another ``window``, the most recent norms that fit are kept."""
-        history, count = state["history"], int(state["count"])
-        if history.numel() != self.window:
-            kept = min(count, history.numel(), self.window)
-            order = torch.arange(count - kept, count)
-            history = torch.full((self.window,), math.nan, dtype=history.dtype).index_put(
-                (order % self.window,), history[order % history.numel()]
-            )
-        self.history, self.count = history.clone(), state["count"].clone()
+        self.history = resized_ring(state["history"], int(state["count"]), self.window)
+        self.count = state["count"].clone()
 
 
 class ZClipThreshold(ThresholdPolicy):

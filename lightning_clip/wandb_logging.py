@@ -26,6 +26,7 @@ SUMMARIES = {
     "clip/rate": "mean",
     "clip/nonfinite_steps": "last",
     "clip/skipped_steps": "last",
+    "clip/spike_skipped_steps": "last",
 }
 
 

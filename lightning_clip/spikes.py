@@ -1,0 +1,84 @@
+"""Spike skipping: a step whose global gradient norm jumps far above the run's recent level changes nothing.
+
+As OLMo-core's ``SkipStepOptimizer`` (``src/olmo_core/optim/skip_step_optimizer.py``) does for the loss and the
+gradient norm, a step is judged against a rolling window of the last ``window`` finite norms, on the device. The
+choices here, and why:
+
+- one-sided: a step is a spike when its norm exceeds ``mean + k * std`` of the window (OLMo-core tests the absolute
+  z-score); a sudden drop of the gradient norm does not make a harmful update;
+- no decision before ``max(20, window // 2)`` norms are in the window, as OLMo-core;
+- every finite norm enters the window, the skipped ones too (as OLMo-core): a spike inflates the spread for a
+  while, but a genuine level shift is then admitted within a bounded number of steps. After a jump from a steady
+  level to ``r`` times it, the ``n`` new norms among ``window`` give a z-score of about ``sqrt((window - n) / n)``,
+  below ``k`` once ``n > window / (k**2 + 1)``: 4 steps for the default ``window=128``, ``k=6``, whatever the
+  scale, far below ``max_consecutive_skips``.
+
+Per tensor, an EMA of its norm over the steps before (``LEVEL_BETA``) tells which tensor grew most against its own
+recent level: the warning of a skipped spike names it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_clip.thresholds import resized_ring
+
+#: EMA smoothing of each tensor's norm level, for naming the tensor behind a spike.
+LEVEL_BETA = 0.9
+
+
+class SpikeSkipper:
+    """Decides, on the device, whether a step's global norm is a spike (see the module docstring)."""
+
+    def __init__(self, k: float, window: int = 128) -> None:
+        self.k, self.window = k, window
+        self.min_samples = min(max(20, window // 2), window)
+        self.history = torch.full((window,), math.nan)
+        self.count = torch.zeros((), dtype=torch.long)
+        self.levels: Tensor | None = None  # per tensor of the layout it last saw
+
+    def _on(self, like: Tensor) -> None:
+        self.history = self.history.to(like.device, like.dtype)
+        self.count = self.count.to(like.device)
+
+    def is_spike(self, total: Tensor) -> Tensor:
+        """A 0-d bool tensor: ``total`` exceeds ``mean + k * std`` of the window (once it holds enough norms)."""
+        self._on(total)
+        filled = ~torch.isnan(self.history)
+        n = filled.sum()
+        values = torch.where(filled, self.history, 0.0)
+        mean = values.sum() / n.clamp(min=1)
+        var = torch.where(filled, (self.history - mean) ** 2, 0.0).sum() / n.clamp(min=1)
+        return (n >= self.min_samples) & (total > mean + self.k * var.sqrt())
+
+    def observe(self, total: Tensor, norms: Tensor, finite: Tensor) -> None:
+        """Enter a finite step's norm into the window and its per-tensor norms into their levels."""
+        self._on(total)
+        slot = (self.count % self.window).reshape(1)
+        self.history = torch.where(finite, self.history.index_put((slot,), total.reshape(1)), self.history)
+        self.count = self.count + finite.long()
+        if self.levels is None or self.levels.shape != norms.shape:
+            self.levels = torch.where(finite, norms, torch.nan)
+        else:
+            levels = self.levels.to(norms)
+            updated = torch.where(torch.isnan(levels), norms, LEVEL_BETA * levels + (1 - LEVEL_BETA) * norms)
+            self.levels = torch.where(finite, updated, levels)
+
+    def culprit(self, norms: Tensor) -> Tensor:
+        """The index of the tensor whose norm grew most against its own level (0-d tensor)."""
+        if self.levels is None or self.levels.shape != norms.shape:
+            return norms.argmax()
+        return (norms / self.levels.to(norms).clamp(min=torch.finfo(norms.dtype).tiny)).nan_to_num(0.0).argmax()
+
+    def state_dict(self) -> dict[str, Any]:
+        levels = self.levels.detach().cpu() if self.levels is not None else torch.empty(0)
+        return {"history": self.history.detach().cpu(), "count": self.count.detach().cpu(), "levels": levels}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = resized_ring(state["history"], int(state["count"]), self.window)  # the latest that fit
+        self.count = state["count"].clone()
+        self.levels = state["levels"].clone() if state["levels"].numel() else None
