@@ -8,7 +8,19 @@ registered when Hydra loads ``pkg://lightning_clip.conf`` (or by ``import lightn
 
 from lightning_clip.callback import ClippingConfigError, GradientClipping
 from lightning_clip.clipper import Clipper, NonFiniteGradientError, StepRecord
-from lightning_clip.methods import AGC, METHODS, AdaGC, AutoClip, Method, NoClipping, Norm, TensorNorm, Value, ZClip
+from lightning_clip.methods import (
+    AGC,
+    METHODS,
+    SPAM,
+    AdaGC,
+    AutoClip,
+    Method,
+    NoClipping,
+    Norm,
+    TensorNorm,
+    Value,
+    ZClip,
+)
 
 __version__ = "0.2.0"
 
@@ -24,6 +36,7 @@ __all__ = [
     "NoClipping",
     "NonFiniteGradientError",
     "Norm",
+    "SPAM",
     "StepRecord",
     "TensorNorm",
     "Value",

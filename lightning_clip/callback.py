@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_clip import methods, wandb_logging
 from lightning_clip.clipper import NONFINITE_MODES, Clipper, HostRecord, SpikeReport
-from lightning_clip.methods import Method
+from lightning_clip.methods import SPAM, Method
 from lightning_clip.operators import TensorNormClip, UnitwiseClip
 from lightning_clip.params import name_params, optimizer_params
 from lightning_clip.sharding import fsdp1_shards
@@ -107,6 +107,7 @@ class GradientClipping(Callback):
         beta: float | None = None,
         lambda_rel: float | None = None,
         lambda_abs: float | None = None,
+        theta: float | None = None,
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
         max_consecutive_skips: int = 20,
         skip_spikes: float | None = None,
@@ -194,7 +195,7 @@ class GradientClipping(Callback):
         _check_trainer(self, trainer)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for index, optimizer in _selected(trainer, self.optimizers):
+        for index, optimizer in _selected(trainer, self.optimizers, self.method):
             self._clipper(trainer, pl_module, index, optimizer)
         _warn_unmatched(self.method.exclude, self.clippers.values())
         wandb_logging.log_config(wandb_logging.wandb_loggers(trainer), self.config())
@@ -290,7 +291,9 @@ class GradientClipping(Callback):
                 states[self.state_key] = legacy
 
 
-def _selected(trainer: pl.Trainer, indices: tuple[int, ...] | None) -> list[tuple[int, torch.optim.Optimizer]]:
+def _selected(
+    trainer: pl.Trainer, indices: tuple[int, ...] | None, method: Method
+) -> list[tuple[int, torch.optim.Optimizer]]:
     """The (index, optimizer) pairs a callback clips, each checked."""
     count = len(trainer.optimizers)
     if indices is not None and max(indices) >= count:
@@ -300,7 +303,7 @@ def _selected(trainer: pl.Trainer, indices: tuple[int, ...] | None) -> list[tupl
         )
     selected = [(i, opt) for i, opt in enumerate(trainer.optimizers) if indices is None or i in indices]
     for _, optimizer in selected:
-        _check_optimizer(trainer, optimizer)
+        _check_optimizer(trainer, optimizer, method)
     return selected
 
 
@@ -357,6 +360,7 @@ def _build_clipper(
         callback.method,
         zip(name_params(params, pl_module), params),
         flat_shards=flat_shards,
+        optimizer=optimizer,
         nonfinite=callback.nonfinite,
         max_consecutive_skips=callback.max_consecutive_skips,
         scaler_checks_nonfinite=_scaler(trainer) is not None,
@@ -416,7 +420,14 @@ def _check_trainer(callback: GradientClipping, trainer: pl.Trainer) -> None:
         _check_fsdp1(callback.method, trainer.strategy)
 
 
-def _check_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer) -> None:
+def _check_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, method: Method) -> None:
+    if isinstance(method, SPAM) and not isinstance(optimizer, SPAM.optimizers):
+        eligible = ", ".join(cls.__name__ for cls in SPAM.optimizers)
+        raise ClippingConfigError(
+            f"GradientClipping(method='spam') reads Adam's second moment (exp_avg_sq) from the optimizer, which "
+            f"{type(optimizer).__name__} does not keep: use one of {eligible} (fused or foreach variants too), or "
+            "another method for this optimizer (optimizers=[...] selects which a callback clips)."
+        )
     if _scaler(trainer) is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
         raise ClippingConfigError(
             f"{type(optimizer).__name__} unscales fp16 gradients inside its own step (a fused optimizer), "

@@ -176,6 +176,7 @@ class Clipper:
         named_params: Iterable[tuple[str, Tensor]],
         *,
         flat_shards: Mapping[int, FlatShard] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
         nonfinite: NonFinite = "skip",
         max_consecutive_skips: int = 20,
         scaler_checks_nonfinite: bool = False,
@@ -191,6 +192,12 @@ class Clipper:
         names, params = [name for name, _ in pairs], [p for _, p in pairs]
         self.method, self.names = method, names
         self.policy, self.operator = method.build()
+        if self.operator.reads_optimizer:
+            if optimizer is None:
+                raise ValueError(
+                    f"method={method.name!r} reads the optimizer's state: pass Clipper(..., optimizer=...)"
+                )
+            self.operator.bind(optimizer)
         self.params: ParamSet | None = ParamSet(names, params, flat_shards, method.exclude)
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips

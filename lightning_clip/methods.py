@@ -19,10 +19,13 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
+import torch
+
 from lightning_clip.operators import (
     ClipOperator,
     GlobalNormClip,
     NoClip,
+    SpikeAwareClip,
     TensorNormClip,
     UnitwiseClip,
     ValueClip,
@@ -30,6 +33,7 @@ from lightning_clip.operators import (
 from lightning_clip.thresholds import (
     AdaGCThreshold,
     AutoClipThreshold,
+    DelayedThreshold,
     FixedThreshold,
     ScheduledThreshold,
     ThresholdPolicy,
@@ -354,9 +358,27 @@ class AdaGC(Method):
         return policy, TensorNormClip(2.0)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SPAM(Method):
+    """SPAM's spike-aware clipping (Huang et al. 2025, "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+    Training"): each gradient element whose square exceeds ``theta`` times the optimizer's second moment becomes
+    ``sign(g) * sqrt(theta * v)``. Needs an Adam-family optimizer (Adam, AdamW, NAdam, RAdam)."""
+
+    name = "spam"
+    #: Optimizers whose state holds Adam's second moment ``exp_avg_sq`` (their fused and foreach variants too).
+    optimizers: ClassVar[tuple[type, ...]] = (torch.optim.Adam, torch.optim.AdamW, torch.optim.NAdam, torch.optim.RAdam)
+    theta: float = parameter(5000.0, _positive, "an element is a spike when g**2 > theta x its second moment (> 0)")
+    warmup_steps: int = parameter(
+        20, _count, "clipping starts at this optimizer step, once the second moment has history", int
+    )
+
+    def build(self):
+        return DelayedThreshold(self.theta, self.warmup_steps), SpikeAwareClip()
+
+
 #: The methods by name, in the order the docs list them.
 METHODS: dict[str, type[Method]] = {
-    cls.name: cls for cls in (NoClipping, Norm, Value, TensorNorm, AGC, AutoClip, ZClip, AdaGC)
+    cls.name: cls for cls in (NoClipping, Norm, Value, TensorNorm, AGC, AutoClip, ZClip, AdaGC, SPAM)
 }
 
 #: Every parameter name of every method: the callback's keyword arguments besides its own options.

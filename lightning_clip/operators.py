@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -113,6 +114,10 @@ class ClipOperator:
 
     norm_type: float = 2.0
     measures_always = True
+    reads_optimizer = False  # whether apply() needs the optimizer's state (bind() hands it over)
+
+    def bind(self, optimizer: Any) -> None:
+        """Give the operator the optimizer whose gradients it clips (for those that read its state)."""
 
     def measure(self, layout: Layout, grads: list[Tensor]) -> Measured:
         norms = tensor_norms(layout, grads, self.norm_type)
@@ -187,6 +192,48 @@ class ValueClip(ClipOperator):
                 torch._foreach_clamp_min_(clipped, -limit)
                 torch._foreach_clamp_max_(clipped, limit)
         return Applied(changed=None if measured is None else measured.total > limit, scale=None)
+
+
+class SpikeAwareClip(ClipOperator):
+    """SPAM's spike-aware clipping (Huang et al., ICLR 2025, "SPAM: Spike-Aware Adam with Momentum Reset for Stable
+    LLM Training", section 3.2): each gradient element with ``g**2 > theta * v``, ``v`` the optimizer's raw second
+    moment (Adam's ``exp_avg_sq`` before this step, without bias correction, as the reference code reads it),
+    becomes ``sign(g) * sqrt(theta * v)``; ``theta`` is the threshold. Elements whose ``v`` is 0 (never seen, or a
+    dead unit) are left unclipped: a limit of 0 would freeze them. As ``min(max(g, -limit), limit)`` with foreach
+    kernels; the limit is ``+inf`` where ``v`` is 0. SPAM's momentum reset changes the optimizer and is not done.
+
+    It reads the optimizer's state: :meth:`bind` hands it the optimizer (the Clipper does)."""
+
+    measures_always = False
+    reads_optimizer = True
+
+    def __init__(self) -> None:
+        self.state: Any = None
+
+    def bind(self, optimizer: Any) -> None:
+        self.state = optimizer.state
+
+    def _moments(self, layout: Layout, run: slice) -> list[Tensor | None]:
+        return [self.state.get(p, {}).get("exp_avg_sq") for p in layout.params[run]]
+
+    def apply(self, layout, grads, measured, threshold) -> Applied:
+        if self.state is None:
+            raise RuntimeError("SpikeAwareClip needs the optimizer: Clipper(..., optimizer=...)")
+        if math.isinf(float(threshold)):
+            return Applied(changed=False, scale=None)
+        tiny = torch.finfo(torch.float32).tiny
+        for _, run in layout.groups:
+            moments = layout.clipped_of(run, self._moments(layout, run))
+            pairs = [(g, local(v)) for g, v in zip(layout.clipped_of(run, grads[run]), moments) if v is not None]
+            if not pairs:
+                continue
+            targets, moments = [g for g, _ in pairs], [v.to(g.dtype) for g, v in pairs]
+            limits = torch._foreach_sqrt(torch._foreach_mul(moments, float(threshold)))
+            torch._foreach_add_(limits, tiny)
+            torch._foreach_div_(limits, torch._foreach_sign(moments))  # x / 0 = inf where v is 0: unclipped
+            torch._foreach_minimum_(targets, limits)
+            torch._foreach_maximum_(targets, torch._foreach_neg(limits))
+        return Applied(changed=None, scale=None)
 
 
 @dataclass

@@ -434,3 +434,41 @@ def test_host_memory_of_a_long_recorded_run_is_flat():
     finally:
         tracemalloc.stop()
     assert probe.traced[900] - probe.traced[300] < 128 * 1024, probe.traced
+
+
+def test_spam_in_a_trainer_run_matches_a_plain_loop_applying_the_rule_by_hand():
+    theta, warmup = 2.0, 3
+    model = TinyModule(optimizer="adam", lr=0.01)
+    trainer([GradientClipping("spam", theta=theta, warmup_steps=warmup)], max_epochs=3).fit(model, loader())
+
+    reference = TinyModule(optimizer="adam", lr=0.01)
+    optimizer = reference.configure_optimizers()
+    clipped = 0
+    for step, (x, y) in enumerate([batch for _ in range(3) for batch in loader()], start=1):
+        torch.nn.functional.mse_loss(reference(x), y).backward()
+        if step >= warmup:
+            for p in reference.parameters():
+                v = optimizer.state[p]["exp_avg_sq"]
+                spike = (p.grad**2 > theta * v) & (v > 0)
+                clipped += int(spike.sum())
+                p.grad = torch.where(spike, p.grad.sign() * (theta * v).sqrt(), p.grad)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert clipped > 0
+    for (name, a), b in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_spam_refuses_an_optimizer_without_a_second_moment_and_judges_each_optimizer():
+    with pytest.raises(ClippingConfigError, match=r"method='spam'\) reads Adam's second moment .* which SGD does not"):
+        trainer([GradientClipping("spam")]).fit(TinyModule(optimizer="sgd"), loader())
+
+    class AdamAndSGD(TwoOptimizerModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.generator.parameters()), torch.optim.SGD(self.critic.parameters(), lr=0.01)
+
+    with pytest.raises(ClippingConfigError, match="which SGD does not keep"):
+        trainer([GradientClipping("spam")]).fit(AdamAndSGD(), loader())
+    spam = GradientClipping("spam", optimizers=0, warmup_steps=1)
+    trainer([spam, GradientClipping("norm", optimizers=1)]).fit(AdamAndSGD(), loader())
+    assert spam.clippers[0].steps == 4

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from helpers import agc_reference, apply, clone_grads, make_params, timm_style_agc
+from helpers import agc_reference, apply, clone_grads, make_params, named, timm_style_agc
 from lightning_clip.operators import GlobalNormClip, NoClip, TensorNormClip, UnitwiseClip, ValueClip
 from lightning_clip.params import ParamSet
 from lightning_clip.thresholds import FixedThreshold
@@ -158,3 +158,53 @@ def test_empty_tensors_measure_zero(norm_type):
     expected = grad * 0.1 / (torch.linalg.vector_norm(grad, norm_type) + 1e-6)
     torch.testing.assert_close(params[1].grad.double(), expected, rtol=1e-6, atol=0)
     assert params[0].grad.numel() == 0
+
+
+def spam_reference(grad, v, theta):
+    """SPAM's rule (Huang et al. 2025, Algorithm 1, spike-aware clipping) in float64: elements with g^2 > theta * v
+    become sign(g) * sqrt(theta * v); those with v == 0 stay as they are."""
+    g, v = grad.double(), v.double()
+    spike = (g**2 > theta * v) & (v > 0)
+    return torch.where(spike, g.sign() * (theta * v).sqrt(), g)
+
+
+def test_spam_matches_the_rule_in_float64_and_leaves_zero_moments_alone():
+    from lightning_clip import SPAM, Clipper
+
+    params = make_params(seed=13, zero_params=())
+    optimizer = torch.optim.Adam(params)
+    gen = torch.Generator().manual_seed(1)
+    expected = []
+    for p in params:
+        v = torch.rand(p.shape, generator=gen) * 1e-4
+        v.view(-1)[0] = 0.0  # a never-seen element
+        p.grad = torch.randn(p.shape, generator=gen) * torch.where(torch.rand(p.shape, generator=gen) < 0.2, 10.0, 0.1)
+        p.grad.view(-1)[0] = 1e3
+        optimizer.state[p]["exp_avg_sq"] = v
+        expected.append(spam_reference(p.grad, v, 50.0))
+    originals = [p.grad.clone() for p in params]
+    clipper = Clipper(SPAM(theta=50.0, warmup_steps=1), named(params), optimizer=optimizer, nonfinite="ignore")
+    clipper.step()
+    spikes = 0
+    for p, want, before in zip(params, expected, originals):
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=0)
+        assert p.grad.view(-1)[0] == 1e3  # v == 0 there: left alone
+        spikes += int((p.grad != before).sum())
+    assert spikes > 0
+
+
+def test_spam_waits_for_its_warmup_and_needs_the_optimizer():
+    from lightning_clip import SPAM, Clipper
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.Adam([p])
+    optimizer.state[p]["exp_avg_sq"] = torch.full((4,), 1e-6)
+    clipper = Clipper(SPAM(theta=1.0, warmup_steps=3), [("w", p)], optimizer=optimizer, nonfinite="ignore")
+    clipped = []
+    for _ in range(4):
+        p.grad = torch.ones(4)
+        clipper.step()
+        clipped.append(bool(p.grad[0] < 1.0))
+    assert clipped == [False, False, True, True]  # from the 3rd step on, as the reference's step >= grad_accu_steps
+    with pytest.raises(ValueError, match="reads the optimizer's state"):
+        Clipper(SPAM(), [("w", p)])

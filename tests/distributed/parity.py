@@ -63,6 +63,14 @@ METHODS = {
     "adagc": {"warmup_steps": 2},
 }
 
+#: Spike handling, trained with Adam for 8 epochs (32 steps) with every gradient x1000 at SPIKE_STEP: the method
+#: and its parameters per configuration.
+SPIKES = {
+    "skip_spikes": ("norm", {"max_norm": 1e6, "skip_spikes": 6.0, "spike_window": 20}),
+    "spam": ("spam", {"theta": 2.0, "warmup_steps": 2}),
+}
+SPIKE_STEP = 25
+
 
 def make_strategy(name):
     if name == "fsdp2":
@@ -82,9 +90,9 @@ REFUSED = {"fsdp1": {"agc"}, "fsdp1_flat": {"agc", "tensor_norm", "adagc"}}
 class Sharded(TinyModule):
     """TinyModule on 2 processes: FSDP2 shards each Linear on dim 0; data split by an unshuffled sampler."""
 
-    def __init__(self, strategy_name: str, nan_rank: int | None = None, **kwargs):
+    def __init__(self, strategy_name: str, nan_rank: int | None = None, spike_step: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.fsdp2, self.nan_rank = strategy_name == "fsdp2", nan_rank
+        self.fsdp2, self.nan_rank, self.spike_step = strategy_name == "fsdp2", nan_rank, spike_step
         self.fsdp1 = strategy_name.startswith("fsdp1")
 
     def configure_model(self):
@@ -100,6 +108,8 @@ class Sharded(TinyModule):
         loss = super().training_step(batch, batch_idx)
         if not (self.fsdp2 or self.fsdp1) and self.nan_rank == self.global_rank and self.global_step == 2:
             loss = loss * float("nan")  # DDP: the all-reduce carries it to every rank
+        if self.global_step == self.spike_step:
+            loss = loss * 1000.0
         return loss
 
     def on_after_backward(self):
@@ -138,7 +148,7 @@ class Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None, ckpt_path=None):
+def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None, ckpt_path=None, spikes=False):
     strategy = make_strategy(strategy_name)
     plugins = []
     if precision == "16-mixed" and strategy_name.startswith("fsdp1"):
@@ -168,7 +178,8 @@ def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = Sharded(strategy_name, nan_rank=1 if nan else None)
+    spiky = {"spike_step": SPIKE_STEP, "optimizer": "adam", "lr": 0.01} if spikes else {}
+    model = Sharded(strategy_name, nan_rank=1 if nan else None, **spiky)
     COLLECTIVES.clear()
     warnings = Warnings()
     logging.getLogger("lightning_clip").addHandler(warnings)
@@ -197,7 +208,10 @@ def main():
     strategy_name, precision, out = sys.argv[1], sys.argv[2], sys.argv[3]
     mode = sys.argv[4] if len(sys.argv) > 4 else ""
     results = {}
-    if mode == "resume":
+    if mode == "spikes":
+        for name, (method, params) in SPIKES.items():
+            results[name] = fit(strategy_name, precision, method, params, epochs=8, spikes=True)
+    elif mode == "resume":
         root = Path(out).parent
         for method in ("autoclip", "zclip", "adagc"):
             straight = fit(strategy_name, precision, method, METHODS[method], epochs=2)

@@ -13,7 +13,7 @@ from models import TinyModule, loader, trainer
 
 SCRIPT = Path(__file__).with_name("parity.py")
 sys.path.insert(0, str(SCRIPT.parent))
-from parity import METHODS, REFUSED  # noqa: E402
+from parity import METHODS, REFUSED, SPIKE_STEP, SPIKES  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -144,6 +144,31 @@ def test_nan_in_one_ranks_shard_makes_every_rank_skip(tmp_path, strategy):
         assert "body.2" in rank0[0]
         assert rank1 == []  # reported on rank zero only
         assert_matches(results[method], method, nan_at_step=2)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_spike_handling_decides_alike_on_every_rank_and_matches_single_process(tmp_path, strategy):
+    """skip_spikes: the global norm is the same on every rank, so both skip the same step (the spike), with no
+    collective of their own; SPAM: FSDP2 shards the moment as the gradient, so the rule stays local."""
+
+    results = launch(tmp_path, strategy, "32-true", "spikes")
+    for name, (method, params) in SPIKES.items():
+        result = results[name]
+
+        class Spiky(TinyModule):
+            def training_step(self, batch, batch_idx):
+                loss = super().training_step(batch, batch_idx)
+                return loss * 1000.0 if self.global_step == SPIKE_STEP else loss
+
+        clipping = GradientClipping(method, log_every_n_steps=2, **params)
+        model = Spiky(optimizer="adam", lr=0.01)
+        trainer(callbacks=[clipping], max_epochs=8).fit(model, loader())
+        expected = dict(model.named_parameters())
+        for key, value in result["params"].items():
+            torch.testing.assert_close(value, expected[key].detach(), rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
+        skipped = 1.0 if name == "skip_spikes" else 0.0
+        assert result["skipped_per_rank"] == [skipped, skipped] == [float(clipping.skipped_steps)] * 2
+        assert_same_state(*result["states_per_rank"])
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "fsdp1"])
