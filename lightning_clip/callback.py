@@ -108,6 +108,7 @@ class GradientClipping(Callback):
         lambda_rel: float | None = None,
         lambda_abs: float | None = None,
         theta: float | None = None,
+        warmup_clip_factor: float | None = None,
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
         max_consecutive_skips: int = 20,
         skip_spikes: float | None = None,

@@ -80,6 +80,12 @@ def _flag(value: Any) -> bool:
     return value
 
 
+def _non_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise ValueError("a finite number >= 0")
+    return float(value)
+
+
 def _optional_positive(value: Any) -> float | None:
     return None if value is None else _positive(value)
 
@@ -115,6 +121,15 @@ def parameter(default: Any, check: Callable[[Any], Any], doc: str, annotation: A
 
 
 _SCHEDULES = ScheduledThreshold.SCHEDULES
+
+
+def _warmup_clip_factor() -> Any:
+    return parameter(
+        0.01,
+        _non_negative,
+        "while the method's statistics are collected (warmup), the global gradient norm is at most this times the "
+        "global parameter norm, so the first steps are clipped at the model's scale; 0: the paper's warmup",
+    )
 
 
 # ------------------------------------------------------------------------------------------------- methods
@@ -267,9 +282,12 @@ class AutoClip(Method):
     window: int = parameter(
         1000, _count, "how many past norms are kept (the paper keeps all; a ring buffer on the device)", int
     )
+    warmup_steps: int = parameter(25, _count, "finite steps on which `warmup_clip_factor` also caps the norm", int)
+    warmup_clip_factor: float = _warmup_clip_factor()
 
     def build(self):
-        return AutoClipThreshold(self.percentile, self.window), GlobalNormClip(2.0)
+        policy = AutoClipThreshold(self.percentile, self.window, self.warmup_steps, self.warmup_clip_factor)
+        return policy, GlobalNormClip(2.0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -321,6 +339,7 @@ class ZClip(Method):
         bool,
     )
     std_eps: float = parameter(1e-6, _positive, "added to the standard deviation in the z-score (> 0)")
+    warmup_clip_factor: float = _warmup_clip_factor()
 
     def build(self):
         policy = ZClipThreshold(
@@ -333,6 +352,7 @@ class ZClip(Method):
             max_norm=self.threshold_cap,
             skip_update_on_spike=self.freeze_on_spike,
             eps=self.std_eps,
+            warmup_clip_factor=self.warmup_clip_factor,
         )
         return policy, GlobalNormClip(2.0)
 
@@ -345,7 +365,12 @@ class AdaGC(Method):
     name = "adagc"
     beta: float = parameter(0.98, _fraction, "EMA smoothing of each tensor's clipped norm, in (0, 1)")
     lambda_rel: float = parameter(1.05, _positive, "each tensor is clipped to `lambda_rel` x its EMA (> 0)")
-    lambda_abs: float = parameter(1.0, _positive, "global norm limit during warmup (> 0)")
+    lambda_abs: float | None = parameter(
+        None,
+        _optional_positive,
+        "the paper's global norm limit during warmup, in gradient units (> 0); None: `warmup_clip_factor` instead",
+        float | None,
+    )
     warmup_steps: int = parameter(
         100,
         _count,
@@ -353,8 +378,15 @@ class AdaGC(Method):
         int,
     )
 
+    warmup_clip_factor: float = parameter(
+        0.01,
+        _non_negative,
+        "with `lambda_abs=None`, the warmup's global gradient norm is at most this times the global parameter norm "
+        "(0: no global clip during warmup)",
+    )
+
     def build(self):
-        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps)
+        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps, self.warmup_clip_factor)
         return policy, TensorNormClip(2.0)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_clip.operators import NORM_EPS, Applied, Measured, Threshold
+from lightning_clip.operators import NORM_EPS, Applied, Measured, Threshold, tensor_norms
 from lightning_clip.params import Layout
 
 
@@ -49,6 +49,22 @@ def resized_ring(history: Tensor, count: int, window: int) -> Tensor:
     order = torch.arange(count - kept, count)
     empty = torch.full((window,), math.nan, dtype=history.dtype)
     return empty.index_put((order % window,), history[order % history.numel()])
+
+
+#: Floor on the parameter norm in :func:`parameter_guard` (AGC's default ``eps``).
+PARAMETER_FLOOR = 1e-3
+
+
+def parameter_guard(layout: Layout, like: Tensor, clip_factor: float) -> Tensor:
+    """``clip_factor`` times the global L2 norm of the parameters that are clipped: the limit the adaptive methods
+    apply while their own statistics are being collected. It follows the model's scale, as AGC's unit-wise limit
+    does (Brock et al. 2021), so it needs no threshold in gradient units; one more read of the parameters (and,
+    sharded, one more collective) per step, during warmup only. As AGC's ``eps``, a floor of 1e-3 on the parameter
+    norm keeps zero-initialised parameters learning."""
+    norms = tensor_norms(layout, layout.local_params(), 2.0).to(like)
+    if layout.clip_mask is not None:
+        norms = torch.where(layout.clip_mask.to(norms.device), norms, 0.0)
+    return clip_factor * torch.linalg.vector_norm(norms).clamp(min=PARAMETER_FLOOR)
 
 
 def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
@@ -126,10 +142,17 @@ class AutoClipThreshold(ThresholdPolicy):
     """AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"):
     the threshold is the ``percentile``-th percentile of the history of global gradient norms, the current step's
     included. The paper keeps the whole history; here it is a ring buffer of the last ``window`` finite norms on the
-    device (unfilled slots are NaN and ignored by ``nanquantile``; linear interpolation, as ``numpy.percentile``)."""
+    device (unfilled slots are NaN and ignored by ``nanquantile``; linear interpolation, as ``numpy.percentile``).
 
-    def __init__(self, percentile: float = 10.0, window: int = 1000) -> None:
+    The paper's history starts empty, so the first steps are clipped at the scale of whatever they measure, an
+    exploding one included. With ``warmup_clip_factor`` set, the first ``warmup_steps`` finite steps are also capped
+    by :func:`parameter_guard` (``None``: the paper's behaviour)."""
+
+    def __init__(
+        self, percentile: float = 10.0, window: int = 1000, warmup_steps: int = 25, warmup_clip_factor: float = 0.0
+    ) -> None:
         self.percentile, self.window = percentile, window
+        self.warmup_steps, self.warmup_clip_factor = warmup_steps, warmup_clip_factor
         self.history = torch.full((window,), math.nan)
         self.count = torch.zeros((), dtype=torch.long)
 
@@ -141,7 +164,12 @@ class AutoClipThreshold(ThresholdPolicy):
     def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
         assert measured is not None
         candidate = self._with_current(measured.total)
-        return torch.nanquantile(candidate, self.percentile / 100.0)
+        threshold = torch.nanquantile(candidate, self.percentile / 100.0)
+        if not self.warmup_clip_factor:
+            return threshold
+        guard = parameter_guard(layout, threshold, self.warmup_clip_factor)
+        warming = self.count.to(threshold.device) < self.warmup_steps
+        return torch.where(warming, torch.minimum(threshold, guard), threshold)
 
     def observe(self, layout, measured, applied, finite) -> None:
         usable = _usable(measured, finite)
@@ -169,8 +197,11 @@ class ZClipThreshold(ThresholdPolicy):
       ``mode="percentile"``: clip any norm above ``mean + z_thresh * std`` to that value;
     - the EMA is then updated with the clipped value on a spike (with the raw norm otherwise), the variance with the
       already-updated mean; ``skip_update_on_spike`` leaves the EMA alone on spikes;
-    - ``max_norm``, when set, caps the threshold on every step, warmup included (the reference defaults it to 1.0;
-      here it defaults to None, so nothing is clipped during warmup and no fixed threshold needs choosing).
+    - ``max_norm``, when set, caps the threshold on every step, warmup included (the reference defaults it to 1.0).
+
+    The reference leaves the warmup unclipped unless ``max_norm`` is set, an absolute threshold to tune. With
+    ``warmup_clip_factor`` set (the default of the ``zclip`` method), warmup steps are clipped by
+    :func:`parameter_guard` instead, which follows the model's scale; ``None`` gives the reference's behaviour.
 
     ``clip/threshold`` records ``mean + z_thresh * std``, the norm above which a step counts as a spike.
     """
@@ -186,8 +217,10 @@ class ZClipThreshold(ThresholdPolicy):
         max_norm: float | None = None,
         skip_update_on_spike: bool = False,
         eps: float = 1e-6,
+        warmup_clip_factor: float = 0.0,
     ) -> None:
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
+        self.warmup_clip_factor = warmup_clip_factor
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
         self.max_norm, self.skip_update_on_spike, self.eps = max_norm, skip_update_on_spike, eps
         self.warmup = torch.zeros(warmup_steps)
@@ -223,6 +256,9 @@ class ZClipThreshold(ThresholdPolicy):
         spike = spike & initialized
         self._spike = (spike, limit)
         threshold = torch.where(spike, limit, torch.full_like(norm, math.inf))
+        if self.warmup_clip_factor:
+            guard = parameter_guard(layout, norm, self.warmup_clip_factor)
+            threshold = torch.where(initialized, threshold, guard)
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
         return threshold
@@ -292,13 +328,22 @@ class AdaGCThreshold(ThresholdPolicy):
     its first norm, unclipped; the global warmup clip is expressed as per-tensor limits ``coef * (||g_i|| + 1e-6)``
     so that one per-tensor operator serves both phases.
 
+    ``lambda_abs`` is an absolute threshold in gradient units, to be tuned; with ``lambda_abs=None`` the warmup's
+    global limit is :func:`parameter_guard` with ``warmup_clip_factor``, which follows the model's scale.
+
     ``clip/threshold`` records the mean of the per-tensor thresholds in force.
     """
 
     def __init__(
-        self, beta: float = 0.98, lambda_rel: float = 1.05, lambda_abs: float = 1.0, warmup_steps: int = 100
+        self,
+        beta: float = 0.98,
+        lambda_rel: float = 1.05,
+        lambda_abs: float | None = 1.0,
+        warmup_steps: int = 100,
+        warmup_clip_factor: float = 0.01,
     ) -> None:
         self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps = beta, lambda_rel, lambda_abs, warmup_steps
+        self.warmup_clip_factor = warmup_clip_factor
         self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
         self.count = torch.zeros((), dtype=torch.long)
 
@@ -319,7 +364,13 @@ class AdaGCThreshold(ThresholdPolicy):
         norms = measured.norms
         gamma, index = self._gamma(layout, norms)
         warming = self.count < self.warmup_steps
-        coef = torch.clamp(self.lambda_abs / (measured.total + NORM_EPS), max=1.0)
+        if self.lambda_abs is not None:
+            limit = self.lambda_abs
+        elif self.warmup_clip_factor:
+            limit = parameter_guard(layout, norms, self.warmup_clip_factor)
+        else:
+            limit = math.inf
+        coef = torch.clamp(limit / (measured.total + NORM_EPS), max=1.0)
         global_limits = coef * (norms + NORM_EPS)
         relative = self.lambda_rel * gamma[index]  # +inf for a tensor never seen: not clipped
         return torch.where(warming, global_limits, relative)

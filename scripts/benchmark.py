@@ -48,11 +48,26 @@ def names(params) -> list[str]:
     return [f"layer{i // 2}.{'weight' if i % 2 == 0 else 'bias'}" for i in range(len(params))]
 
 
-def clipper(method: str, params, nonfinite: str, flat_shards=None, **kwargs) -> Callable[[], object]:
+def clipper(
+    method: str, params, nonfinite: str, flat_shards=None, optimizer=None, skip_spikes=None, **kwargs
+) -> Callable[[], object]:
     engine = Clipper(
-        methods.from_arguments(method, kwargs), zip(names(params), params), flat_shards=flat_shards, nonfinite=nonfinite
+        methods.from_arguments(method, kwargs),
+        zip(names(params), params),
+        flat_shards=flat_shards,
+        optimizer=optimizer,
+        nonfinite=nonfinite,
+        skip_spikes=skip_spikes,
     )
     return engine.step
+
+
+def adam_with_moments(params) -> torch.optim.Optimizer:
+    """An Adam optimizer whose state holds a second moment for every parameter (what SPAM reads)."""
+    optimizer = torch.optim.Adam(params)
+    for p in params:
+        optimizer.state[p]["exp_avg_sq"] = torch.rand_like(p) * 1e-3
+    return optimizer
 
 
 def recording_clipper(params, grad_max: bool) -> Callable[[], object]:
@@ -135,6 +150,16 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
     for label, method, kwargs in adaptive:
         engine = clipper(method, params, "ignore", **kwargs)
         cases.append((f"{label}, nonfinite=ignore", "norm, fixed max_norm (ours)", engine, fixed_norm))
+    spam = clipper("spam", params, "ignore", optimizer=adam_with_moments(params), warmup_steps=1)
+    cases.append(("spam, nonfinite=ignore", "norm, fixed max_norm (ours)", spam, fixed_norm))
+    cases.append(
+        (
+            "norm, nonfinite=skip, skip_spikes=6",
+            "norm, nonfinite=skip (ours)",
+            clipper("norm", params, "skip", skip_spikes=6.0),
+            clipper("norm", params, "skip"),
+        )
+    )
     cases += [
         (
             "norm + per-layer stats (logging step)",

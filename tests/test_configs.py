@@ -36,6 +36,8 @@ def test_documented_overrides():
     assert clipping.method == AGC(clip_factor=0.02, eps=0.001, exclude=("head",))
     model, data = instantiate(cfg.model), instantiate(cfg.data)
     assert model.hparams.seed == 3 and data.seed == 3
+    spiky = instantiate(composed("clipping=norm", "clipping.skip_spikes=6", "clipping.spike_window=64").clipping)
+    assert (spiky.skip_spikes, spiky.spike_window) == (6.0, 64)
     cfg = composed("clipping=norm", "clipping.max_norm=0.5", "clipping.nonfinite=raise", "logger=csv")
     assert instantiate(cfg.clipping).method.max_norm == 0.5
     assert instantiate(cfg.clipping).nonfinite == "raise"

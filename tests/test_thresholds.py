@@ -15,7 +15,10 @@ WITH_NONFINITE = NORMS[:6] + [math.nan] + NORMS[6:12] + [math.inf] + NORMS[12:]
 
 
 def run_global(method, norms, **params):
-    """Feed each norm as the gradient norm of one parameter; return the norms after clipping."""
+    """Feed each norm as the gradient norm of one parameter; return the norms after clipping. The papers' methods
+    have no parameter-scale warmup: it is off (``warmup_clip_factor=0``) unless ``params`` set it."""
+    if method in ("autoclip", "zclip"):
+        params = {"warmup_clip_factor": 0.0, **params}
     p = torch.nn.Parameter(torch.zeros(4))
     clipper = Clipper(methods.from_arguments(method, params), [("w", p)], nonfinite="ignore")
     policy = clipper.policy
@@ -220,3 +223,39 @@ def test_first_step_and_only_nonfinite_steps():
     assert ours[1] == pytest.approx(5.0, rel=1e-5)  # the history is its own norm: nothing to clip
     ours, policy = run_global("zclip", [math.nan] * 3, warmup_steps=2)
     assert int(policy.count) == 0 and float(policy.mean) == 0.0
+
+
+@pytest.mark.parametrize("method", ["autoclip", "zclip", "adagc"])
+def test_warmup_caps_the_first_steps_at_the_parameter_scale(method):
+    """With their defaults the adaptive methods clip from the first step: while their statistics are collected, the
+    global gradient norm is at most warmup_clip_factor (0.01) x the global parameter norm (floored at 1e-3)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, 8, generator=gen)), torch.nn.Parameter(torch.zeros(8))]
+    clipper = Clipper(methods.from_arguments(method, {}), zip(["w", "b"], params), nonfinite="ignore")
+    param_norm = float(torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in params])))
+    for step, scale in enumerate([1e4, 1e6, 3e5]):  # an exploding start
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * scale
+        clipper.step()
+        total = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+        assert total == pytest.approx(0.01 * param_norm, rel=1e-4), step
+
+
+@pytest.mark.parametrize("method", ["autoclip", "zclip", "adagc"])
+def test_zero_parameters_still_learn_under_the_warmup_guard(method):
+    p = torch.nn.Parameter(torch.zeros(4))
+    clipper = Clipper(methods.from_arguments(method, {}), [("w", p)], nonfinite="ignore")
+    p.grad = torch.ones(4)
+    clipper.step()
+    assert float(p.grad.norm()) == pytest.approx(0.01 * 1e-3, rel=1e-4)
+
+
+def test_warmup_guard_ends_with_the_warmup():
+    p = torch.nn.Parameter(torch.ones(4))  # parameter norm 2: the guard is 0.02
+    clipper = Clipper(methods.ZClip(warmup_steps=3), [("w", p)], nonfinite="ignore")
+    after = []
+    for _ in range(5):
+        p.grad = torch.full((4,), 0.5)  # norm 1.0 every step: no spike once the EMA starts
+        clipper.step()
+        after.append(round(float(p.grad.norm()), 6))
+    assert after == [0.02, 0.02, 0.02, 1.0, 1.0]
