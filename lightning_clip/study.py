@@ -1,12 +1,16 @@
-"""The clipping study: run one cell (task x clipping configuration x seed), and aggregate a sweep of cells.
+"""The clipping study: run one cell (task x clipping configuration x learning-rate multiple x seed), and aggregate a
+sweep of cells.
 
 Each job writes ``result.json`` in its directory; after a ``-m`` sweep, :class:`StudyTable` (a Hydra callback)
-writes ``results.csv``, ``results.md`` and ``results.png`` in the sweep directory. Per task and clipping
-configuration, over seeds: the divergence rate (a non-finite loss, or the mean of the last 10 losses above
-``divergence_factor`` times the mean of the first 10), the mean final loss of the runs that did not diverge (and
-accuracy where the task has one), and the wall time per step relative to ``none``. Per fixed-threshold method: the
-range of thresholds whose loss is within 5% of the best. Per adaptive method: its loss relative to the best fixed
-threshold.
+writes ``results.csv``, ``results.md`` and ``results.png`` in the sweep directory; :func:`main_tables` does the same
+for the results of several sweeps. Definitions (as in the README):
+
+- a run diverges when its loss turns non-finite or the mean of its last 10 losses exceeds ``divergence_factor``
+  times the mean of its first 10; its final loss is the mean of its last 10% of steps;
+- a configuration *trains* at a learning rate when none of its seeds diverges;
+- the *best fixed threshold* of a task at a learning rate is, among the fixed configurations (``norm``, ``value``,
+  ``tensor_norm``) that train, the one with the lowest mean final loss over seeds;
+- a loss spike is a step whose loss exceeds the mean of the previous 50 by more than 3 of their standard deviations.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import lightning.pytorch as pl
 from hydra.experimental.callback import Callback as HydraCallback
 
 THRESHOLD_OF = {"norm": "max_norm", "value": "clip_value", "tensor_norm": "max_norm"}
+FIXED = tuple(THRESHOLD_OF)
+ADAM_FAMILY = ("adamw",)
 
 
 class DivergenceStop(pl.Callback):
@@ -58,15 +64,31 @@ class DivergenceStop(pl.Callback):
         return (time.perf_counter() - self.started) / (len(self.losses) - self.warmup)
 
 
+def loss_spikes(losses: list[float], window: int = 50, sigmas: float = 3.0) -> int:
+    """Steps whose loss exceeds the mean of the previous ``window`` by more than ``sigmas`` standard deviations."""
+    spikes = 0
+    for i in range(window, len(losses)):
+        previous = losses[i - window : i]
+        if losses[i] > statistics.fmean(previous) + sigmas * statistics.pstdev(previous):
+            spikes += 1
+    return spikes
+
+
 def run_cell(cfg: Any, output: Path) -> dict[str, Any]:
-    """Train one cell and write its ``result.json``; the final loss is the mean of its last 10 steps."""
+    """Train one cell at ``lr_scale`` times the task's learning rate and write its ``result.json``."""
     from hydra.utils import instantiate
 
     from lightning_clip import GradientClipping
 
     cell = dict(cfg.grid.cells[cfg.cell])
+    base = {"task": cfg.task.name, "method": cell["method"], "cell": cell, "seed": cfg.seed, "lr_scale": cfg.lr_scale}
+    if cell["method"] == "spam" and cfg.task.get("optimizer") not in ADAM_FAMILY:
+        result = {**base, "applicable": False}  # SPAM reads Adam's second moment
+        (output / "result.json").write_text(json.dumps(result, indent=1))
+        return result
     pl.seed_everything(cfg.seed, verbose=False)
-    clipping = GradientClipping(**cell, nonfinite="ignore", log_every_n_steps=10, progress_bar=False)
+    options = {"nonfinite": "ignore", "log_every_n_steps": 10, "progress_bar": False}
+    clipping = GradientClipping(**{**options, **cell})
     stop = DivergenceStop(cfg.divergence_factor)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -79,22 +101,22 @@ def run_cell(cfg: Any, output: Path) -> dict[str, Any]:
         num_sanity_val_steps=0,
         check_val_every_n_epoch=10_000,
     )
-    model, data = instantiate(cfg.task.model), instantiate(cfg.task.data)
+    model = instantiate(cfg.task.model, lr=cfg.task.model.lr * cfg.lr_scale)
+    data = instantiate(cfg.task.data)
     trainer.fit(model, datamodule=data)
     accuracy = math.nan
     if not stop.diverged and hasattr(model, "validation_step"):
         metrics = trainer.validate(model, datamodule=data, verbose=False)[0]
         accuracy = metrics.get("val/accuracy", math.nan)
-    tail = stop.losses[-10:]
+    tail = stop.losses[-max(1, len(stop.losses) // 10) :]
     result = {
-        "task": cfg.task.name,
-        "method": cell["method"],
-        "cell": cell,
+        **base,
+        "applicable": True,
         "threshold": cell.get(THRESHOLD_OF.get(cell["method"], ""), None),
-        "seed": cfg.seed,
         "diverged": stop.diverged,
         "final_loss": math.nan if stop.diverged else sum(tail) / len(tail),
         "accuracy": accuracy,
+        "loss_spikes": loss_spikes(stop.losses),
         "seconds_per_step": stop.seconds_per_step(),
         "steps": len(stop.losses),
     }
@@ -112,18 +134,20 @@ def label(cell: dict[str, Any]) -> str:
 
 
 def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per task and clipping configuration, averaged over seeds."""
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    """One row per task, learning-rate multiple and clipping configuration, averaged over seeds."""
+    groups: dict[tuple[str, float, str], list[dict]] = defaultdict(list)
     for r in results:
-        groups[(r["task"], json.dumps(r["cell"], sort_keys=True))].append(r)
+        if r.get("applicable", True):
+            groups[(r["task"], r.get("lr_scale", 1.0), json.dumps(r["cell"], sort_keys=True))].append(r)
     rows = []
-    for (task, cell_key), runs in groups.items():
+    for (task, lr_scale, cell_key), runs in groups.items():
         finite = [r["final_loss"] for r in runs if not r["diverged"]]
         accuracies = [r["accuracy"] for r in runs if not r["diverged"] and not math.isnan(r["accuracy"])]
         cell = json.loads(cell_key)
         rows.append(
             {
                 "task": task,
+                "lr x": lr_scale,
                 "method": cell["method"],
                 "setting": label(cell),
                 "threshold": runs[0]["threshold"],
@@ -131,38 +155,61 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "divergence rate": sum(r["diverged"] for r in runs) / len(runs),
                 "final loss": statistics.fmean(finite) if finite else math.nan,
                 "accuracy": statistics.fmean(accuracies) if accuracies else math.nan,
-                "time/step vs none": _mean(r["seconds_per_step"] for r in runs),
+                "loss spikes": _mean(float(r.get("loss_spikes", math.nan)) for r in runs if not r["diverged"]),
+                "time/step vs norm": _mean(r["seconds_per_step"] for r in runs),
             }
         )
-    for task in {row["task"] for row in rows}:
-        task_rows = [row for row in rows if row["task"] == task]
-        base = [row["time/step vs none"] for row in task_rows if row["method"] == "none"]
-        fixed = [row for row in task_rows if row["threshold"] is not None and not math.isnan(row["final loss"])]
-        best_fixed = min((row["final loss"] for row in fixed), default=math.nan)
-        for row in task_rows:
-            row["time/step vs none"] = row["time/step vs none"] / base[0] if base else math.nan
-            same = [r for r in fixed if r["method"] == row["method"]]
-            if row["threshold"] is not None and same:
-                best = min(r["final loss"] for r in same)
-                good = sorted(r["threshold"] for r in same if r["final loss"] <= 1.05 * best)
-                row["thresholds within 5% of best"] = f"{good[0]:g}..{good[-1]:g}" if good else ""
-            elif row["method"] in ("agc", "autoclip", "zclip", "adagc"):
-                row["loss / best fixed"] = row["final loss"] / best_fixed if best_fixed > 0 else math.nan
-    return sorted(rows, key=lambda r: (r["task"], r["method"], r["threshold"] or 0))
+    for task, lr_scale in {(row["task"], row["lr x"]) for row in rows}:
+        same = [row for row in rows if (row["task"], row["lr x"]) == (task, lr_scale)]
+        norm_time = _mean(row["time/step vs norm"] for row in same if row["method"] == "norm")
+        trained_fixed = [r for r in same if r["method"] in FIXED and r["divergence rate"] == 0]
+        best_fixed = min((r["final loss"] for r in trained_fixed), default=math.nan)
+        for row in same:
+            row["time/step vs norm"] = row["time/step vs norm"] / norm_time if norm_time > 0 else math.nan
+            trains = row["divergence rate"] == 0
+            row["loss / best fixed"] = row["final loss"] / best_fixed if trains and best_fixed > 0 else math.nan
+            if row["threshold"] is not None and row["final loss"] == best_fixed:
+                row["best fixed"] = "yes"
+    return sorted(rows, key=lambda r: (r["task"], r["lr x"], r["method"], r["threshold"] or 0, r["setting"]))
+
+
+def robustness(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task and configuration: the largest learning-rate multiple at which it trains, and its loss there
+    relative to the best fixed threshold at that multiple (as the ZClip paper reports learning-rate robustness)."""
+    by_config: dict[tuple[str, str, str], list[dict]] = defaultdict(list)
+    for row in rows:
+        by_config[(row["task"], row["method"], row["setting"])].append(row)
+    table = []
+    for (task, method, setting), runs in sorted(by_config.items()):
+        trained = [r for r in runs if r["divergence rate"] == 0]
+        top = max(trained, key=lambda r: r["lr x"], default=None)
+        table.append(
+            {
+                "task": task,
+                "method": method,
+                "setting": setting,
+                "largest lr x that trains": top["lr x"] if top else math.nan,
+                "loss / best fixed there": top["loss / best fixed"] if top else math.nan,
+            }
+        )
+    return table
 
 
 COLUMNS = [
     "task",
+    "lr x",
     "method",
     "setting",
     "seeds",
     "divergence rate",
     "final loss",
     "accuracy",
-    "thresholds within 5% of best",
+    "loss spikes",
+    "best fixed",
     "loss / best fixed",
-    "time/step vs none",
+    "time/step vs norm",
 ]
+ROBUSTNESS_COLUMNS = ["task", "method", "setting", "largest lr x that trains", "loss / best fixed there"]
 
 
 def _cell(value: Any) -> str:
@@ -172,18 +219,23 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _markdown(rows: list[dict[str, Any]], columns: list[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+
+
 def write_tables(rows: list[dict[str, Any]], directory: Path) -> list[Path]:
-    """``results.csv``, ``results.md`` and ``results.png`` (final loss per configuration and task)."""
+    """``results.csv``, ``results.md`` (per configuration, then learning-rate robustness) and ``results.png`` (final
+    loss per configuration and task, at the base learning rate)."""
     with open(directory / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, COLUMNS)
         writer.writeheader()
         writer.writerows({c: row.get(c, "") for c in COLUMNS} for row in rows)
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        cells = [row.get(c, "") for c in COLUMNS]
-        lines.append("| " + " | ".join(_cell(v) for v in cells) + " |")
-    (directory / "results.md").write_text("\n".join(lines) + "\n")
-    fig = _plot(rows)
+    text = _markdown(rows, COLUMNS)
+    if len({row["lr x"] for row in rows}) > 1:
+        text += ["", "Learning-rate robustness:", "", *_markdown(robustness(rows), ROBUSTNESS_COLUMNS)]
+    (directory / "results.md").write_text("\n".join(text) + "\n")
+    fig = _plot([row for row in rows if row["lr x"] == 1.0] or rows)
     fig.savefig(directory / "results.png", dpi=110)
     return [directory / "results.md", directory / "results.csv", directory / "results.png"]
 
@@ -231,3 +283,10 @@ class StudyTable(HydraCallback):
         if results:
             written = write_tables(aggregate(results), sweep)
             print(f"study results         {written[0]}")
+
+
+def main_tables(sweeps: list[Path], directory: Path) -> list[Path]:
+    """The tables of the results of several sweeps (the study's chunks) together, in ``directory``."""
+    results = [json.loads(p.read_text()) for sweep in sweeps for p in sorted(Path(sweep).glob("*/result.json"))]
+    directory.mkdir(parents=True, exist_ok=True)
+    return write_tables(aggregate(results), directory)

@@ -8,6 +8,7 @@ Every configuration runs with nonfinite="ignore", so only the clipping differs: 
 diverged (and stopped early), not skipped.
 """
 
+import math
 import sys
 from pathlib import Path
 
@@ -25,7 +26,7 @@ QUICK = ["-m", "task=adding,multiplication,digits,textlm", "grid=quick", "cell=0
 def main(cfg: DictConfig) -> float:
     torch.set_num_threads(cfg.threads)
     result = run_cell(cfg, Path(HydraConfig.get().runtime.output_dir))
-    return result["final_loss"]
+    return result.get("final_loss", math.nan)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_clip.examples.textlm import make_optimizer
+
 
 def digits(seed: int = 0, val_fraction: float = 0.2) -> tuple[TensorDataset, TensorDataset]:
     from sklearn.datasets import load_digits
@@ -37,13 +39,38 @@ class DigitsDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=256)
 
 
-class DeepMLP(pl.LightningModule):
+class DigitsClassifier(pl.LightningModule):
+    """Cross-entropy training and validation accuracy on the digits; subclasses build the network."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val/loss", torch.nn.functional.cross_entropy(logits, y))
+        self.log("val/accuracy", (logits.argmax(-1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return make_optimizer(self.parameters(), self.hparams.optimizer, self.hparams.lr)
+
+
+class DeepMLP(DigitsClassifier):
     """``depth`` Linear+ReLU layers of ``width`` units, no normalisation, SGD with momentum at a high rate. Weights
     start at ``init_gain`` times He initialisation, so activations and gradients grow with depth (by about
     ``init_gain ** depth``)."""
 
     def __init__(
-        self, depth: int = 12, width: int = 128, lr: float = 0.05, init_gain: float = 1.3, seed: int = 0
+        self,
+        depth: int = 12,
+        width: int = 128,
+        lr: float = 0.05,
+        init_gain: float = 1.3,
+        seed: int = 0,
+        optimizer: str = "sgd",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -62,17 +89,34 @@ class DeepMLP(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = torch.nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
 
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val/loss", torch.nn.functional.cross_entropy(logits, y))
-        self.log("val/accuracy", (logits.argmax(-1) == y).float().mean())
+class DeepCNN(DigitsClassifier):
+    """``depth`` 3x3 convolutions (``channels`` each, padding 1) with ReLU on the 8x8 digit images, no normalisation,
+    global average pooling and a linear read-out; weights at ``init_gain`` times He initialisation, SGD with
+    momentum at a high rate, as :class:`DeepMLP`."""
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+    def __init__(
+        self,
+        depth: int = 8,
+        channels: int = 32,
+        lr: float = 0.05,
+        init_gain: float = 1.3,
+        seed: int = 0,
+        optimizer: str = "sgd",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        torch.manual_seed(seed)
+        layers, features = [], 1
+        for _ in range(depth):
+            conv = torch.nn.Conv2d(features, channels, 3, padding=1)
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            conv.weight.data *= init_gain
+            torch.nn.init.zeros_(conv.bias)
+            layers += [conv, torch.nn.ReLU()]
+            features = channels
+        self.body = torch.nn.Sequential(*layers)
+        self.head = torch.nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x.reshape(-1, 1, 8, 8)).mean(dim=(2, 3)))

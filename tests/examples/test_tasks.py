@@ -9,8 +9,8 @@ import torch
 
 from lightning_clip import GradientClipping
 from lightning_clip.examples.adding import AddingDataModule, TanhRNN, adding_problem
-from lightning_clip.examples.digits import DeepMLP, DigitsDataModule
-from lightning_clip.examples.textlm import TextDataModule, TinyTransformerLM, python_docs_bytes
+from lightning_clip.examples.digits import DeepCNN, DeepMLP, DigitsDataModule
+from lightning_clip.examples.textlm import GRULM, TextDataModule, TinyTransformerLM, python_docs_bytes
 
 TASKS = {
     "adding": (lambda: TanhRNN(), lambda: AddingDataModule(length=100, train_samples=2048), 150),
@@ -21,7 +21,10 @@ TASKS = {
     ),
     "digits": (lambda: DeepMLP(), lambda: DigitsDataModule(), 150),
     "textlm": (lambda: TinyTransformerLM(), lambda: TextDataModule(), 150),
+    "gru": (lambda: GRULM(lr=3.0), lambda: TextDataModule(), 150),
+    "cnn": (lambda: DeepCNN(), lambda: DigitsDataModule(), 150),
 }
+EXPLODING = ["adding", "multiplication", "digits", "textlm", "gru"]
 
 
 class FirstLoss(pl.Callback):
@@ -52,11 +55,17 @@ def train(task, method, **params):
     return float(trainer.callback_metrics["train/loss"]), first.first, clipping
 
 
-@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("task", EXPLODING)
 def test_diverges_without_clipping(task):
     final, first, clipping = train(task, "none")
     assert not math.isfinite(final) or final > 3 * first
     assert clipping.largest_grad_norm > 100 or clipping.largest_grad_norm == math.inf
+
+
+def test_the_cnn_collapses_to_chance_without_clipping():
+    """Its ReLUs die after the first large updates: the loss sits at chance, ln(10), instead of exploding."""
+    final, first, _ = train("cnn", "none")
+    assert final > 0.95 * math.log(10)
 
 
 @pytest.mark.parametrize("task", list(TASKS))
@@ -64,8 +73,15 @@ def test_norm_clipping_keeps_it_from_diverging(task):
     final, first, clipping = train(task, "norm", max_norm=1.0)
     assert math.isfinite(final) and final < 3 * first
     assert clipping.clipped_steps > 0
-    if task in ("digits", "textlm"):  # and learns (the RNN problems need far more steps than this test takes)
+    if task in ("digits", "textlm", "gru", "cnn"):  # and learns (the RNN problems need far more steps)
         assert final < first / 2
+
+
+@pytest.mark.parametrize("method", ["agc", "autoclip", "zclip", "adagc"])
+def test_adaptive_methods_with_their_defaults_keep_an_exploding_task_finite_and_learn(method):
+    """The digits MLP explodes without clipping (above); each adaptive method with its defaults, nothing tuned."""
+    final, first, _ = train("digits", method)
+    assert math.isfinite(final) and final < first / 2
 
 
 def test_text_ships_with_python_and_the_problems_have_their_targets():

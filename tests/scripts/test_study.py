@@ -22,6 +22,6 @@ def test_two_cell_grid_writes_results(tmp_path):
     rows = list(csv.DictReader(open(sweep / "results.csv")))
     assert [(r["method"], r["divergence rate"]) for r in rows] == [("none", "1.0"), ("norm", "0.0")]
     table = (sweep / "results.md").read_text()
-    assert "| digits | none | defaults | 1 | 1 | - |" in table  # no finite loss where every seed diverged
-    assert "| digits | norm | max_norm=1.0 | 1 | 0 |" in table
+    assert "| digits | 1 | none | defaults | 1 | 1 | - |" in table  # no finite loss where every seed diverged
+    assert "| digits | 1 | norm | max_norm=1.0 | 1 | 0 |" in table
     assert (sweep / "results.png").stat().st_size > 0
