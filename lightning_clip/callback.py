@@ -71,6 +71,8 @@ class GradientClipping(Callback):
         layer_stats: record per-layer ``grad_norm``, ``param_norm``, ``grad_ratio``, ``grad_nonfinite``; layers
             are owning modules, or ``layer_depth`` components of the module path, or tensors (``per_parameter``),
             filtered by the globs ``layer_include`` / ``layer_exclude``.
+        track_max: record ``grad/norm_max`` and ``grad_norm_max/<layer>``, the largest L2 norms since the last
+            record (every step counts); default: where the method measures L2 norms every step anyway.
         log_grad_max: also record ``grad_max/<layer>``, the largest absolute gradient value before clipping.
         histogram_every, histogram_bins: per-layer gradient histograms every this many records (W&B only).
         heatmap_every: a layers x steps image of per-layer gradient norms every this many records and at the end.
@@ -113,6 +115,7 @@ class GradientClipping(Callback):
         max_consecutive_skips: int = 20,
         skip_spikes: float | None = None,
         spike_window: int = 128,
+        track_max: bool | None = None,
         log_every_n_steps: int | None = None,
         layer_stats: bool = True,
         layer_depth: int | None = None,
@@ -135,6 +138,7 @@ class GradientClipping(Callback):
         self.nonfinite = _checked("nonfinite", nonfinite, lambda v: v in NONFINITE_MODES, modes)
         self.max_consecutive_skips = _count("max_consecutive_skips", max_consecutive_skips)
         self.spike_window = _count("spike_window", spike_window)
+        self.track_max = _checked("track_max", track_max, lambda v: v in (None, True, False), "True, False or None")
         self.skip_spikes = _checked("skip_spikes", skip_spikes, _positive_or_none, "a finite number > 0, or None")
         _checked(
             "skip_spikes", skip_spikes, lambda v: v is None or nonfinite == "skip", "None with nonfinite != 'skip'"
@@ -368,6 +372,7 @@ def _build_clipper(
         stats=stats,
         skip_spikes=callback.skip_spikes,
         spike_window=callback.spike_window,
+        track_max=callback.track_max,
     )
 
 

@@ -72,6 +72,7 @@ class StepRecord:
     nonfinite_steps: Tensor
     skipped_steps: int
     spike_skipped_steps: int | None = None
+    norm_max: Tensor | None = None
     layers: list[str] = field(default_factory=list)
     layer_stats: dict[str, Tensor] = field(default_factory=dict)
 
@@ -82,16 +83,17 @@ class StepRecord:
         grad_norm = torch.linalg.vector_norm(self.grad_norms)
         on_device = isinstance(self.threshold, Tensor)
         threshold = self.threshold.mean() if on_device else torch.tensor(math.nan)
+        norm_max = self.norm_max if self.norm_max is not None else torch.tensor(math.nan)
         scalars = [grad_norm, torch.linalg.vector_norm(self.clipped_norms), self.clipped_steps, self.nonfinite_steps]
-        parts = [torch.stack([t.reshape(()).to(grad_norm) for t in [*scalars, threshold]])]
+        parts = [torch.stack([t.reshape(()).to(grad_norm) for t in [*scalars, threshold, norm_max]])]
         parts += [v.reshape(-1).to(grad_norm) for v in stats.values()]
         if histogram is not None:
             parts.append(histogram.reshape(-1).to(grad_norm))
         values = torch.cat(parts).tolist()  # the one transfer of a recording step
-        norm, clipped, clipped_steps, nonfinite_steps, threshold_value = values[:5]
+        norm, clipped, clipped_steps, nonfinite_steps, threshold_value, norm_max_value = values[:6]
         if not on_device:  # a host-side threshold stays exact
             threshold_value = float(self.threshold)
-        layer_stats, start = {}, 5
+        layer_stats, start = {}, 6
         for name in stats:
             layer_stats[name] = values[start : start + len(self.layers)]
             start += len(self.layers)
@@ -104,6 +106,7 @@ class StepRecord:
             nonfinite_steps=nonfinite_steps,
             skipped_steps=self.skipped_steps,
             spike_skipped_steps=self.spike_skipped_steps,
+            norm_max=norm_max_value if self.norm_max is not None else None,
             layers=self.layers,
             layer_stats=layer_stats,
             histograms=values[start:] if histogram is not None else None,
@@ -124,6 +127,7 @@ class HostRecord:
     nonfinite_steps: float
     skipped_steps: int
     spike_skipped_steps: int | None
+    norm_max: float | None
     layers: list[str]
     layer_stats: dict[str, list[float]]
     histograms: list[float] | None
@@ -141,6 +145,8 @@ class HostRecord:
         }
         if self.spike_skipped_steps is not None:
             metrics["clip/spike_skipped_steps"] = float(self.spike_skipped_steps)
+        if self.norm_max is not None:
+            metrics["grad/norm_max"] = self.norm_max
         if math.isfinite(self.threshold):
             metrics["clip/threshold"] = self.threshold
         if self.judged_steps:
@@ -183,6 +189,7 @@ class Clipper:
         stats: LayerStats | None = None,
         skip_spikes: float | None = None,
         spike_window: int = 128,
+        track_max: bool | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
@@ -204,6 +211,10 @@ class Clipper:
         self.scaler_checks_nonfinite = scaler_checks_nonfinite
         self.stats = stats
         self.last_nonfinite: list[str] | None = None
+        l2_every_step = (self.operator.measures_always or self.reads_host) and self.operator.norm_type == 2.0
+        self.track_max = l2_every_step if track_max is None else track_max
+        self._norm_max: Tensor | None = None  # since the last record: the global L2 norm's max, and each layer's
+        self._layer_max: Tensor | None = None
         self.spikes = SpikeSkipper(skip_spikes, spike_window) if skip_spikes is not None else None
         self.last_spike: SpikeReport | None = None
         self.spike_skipped_steps = 0
@@ -237,6 +248,8 @@ class Clipper:
         finite = torch.isfinite(measured.overall) if watch and measured is not None else None
         if finite is not None:
             self._count(finite, measured.overall)
+        if self.track_max:
+            self._track_max(layout, self._l2_norms(layout, grads, measured))
         if self.reads_host:
             proceed, levels = finite, None
             if self.spikes is not None:
@@ -267,6 +280,16 @@ class Clipper:
             clipped_norms = tensor_norms(layout, grads, 2.0)
         return self._record(layout, grad_norms, clipped_norms, reported, before)
 
+    def _track_max(self, layout: Layout, norms: Tensor) -> None:
+        """Keep the running max since the last record of the global L2 norm and of each layer's (NaN ignored), on
+        the device: a spike on a step that is not recorded still shows in the next record."""
+        total = torch.linalg.vector_norm(norms)
+        self._norm_max = total if self._norm_max is None else torch.fmax(self._norm_max.to(total), total)
+        if self.stats is not None:
+            layers = self.stats.index(layout, norms.device).l2(norms)
+            same = self._layer_max is not None and self._layer_max.shape == layers.shape
+            self._layer_max = torch.fmax(self._layer_max, layers) if same else layers
+
     def _count(self, finite: Tensor, like: Tensor) -> None:
         self._nonfinite_steps = self._nonfinite_steps.to(like.device) + (~finite).to(like.dtype)
 
@@ -293,6 +316,10 @@ class Clipper:
         if self.stats is not None:
             record.layers = self.stats.index(layout, grad_norms.device).layers
             record.layer_stats = self.stats.compute(layout, grad_norms, before)
+            if self._layer_max is not None and len(self._layer_max) == len(record.layers):
+                record.layer_stats["grad_norm_max"] = self._layer_max
+        record.norm_max = self._norm_max
+        self._norm_max = self._layer_max = None
         self._clipped_steps = torch.zeros_like(self._clipped_steps)
         self._judged_steps = 0
         return record

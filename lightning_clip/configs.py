@@ -37,6 +37,7 @@ OPTION_TYPES: dict[str, Any] = {
     "max_consecutive_skips": int,
     "skip_spikes": float | None,
     "spike_window": int,
+    "track_max": bool | None,
     "log_every_n_steps": int | None,
     "layer_stats": bool,
     "layer_depth": int | None,

@@ -93,18 +93,7 @@ def run_directories(directory: Path) -> list[Path]:
 def plot_run(log: RunLog, out: Path) -> list[Path]:
     """``norms.png``, ``clip_rate.png`` and ``heatmap.png`` (when per-layer norms were logged) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    fig, ax = plots.figure(9, 4.5)
-    for key, style in (("grad/norm", "-"), ("grad/norm_clipped", "-"), ("clip/threshold", "--")):
-        steps, values = log.series(key)
-        if steps:
-            ax.plot(steps, values, style, label=key)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel("global L2 norm")
-    ax.set_title("gradient norm before and after clipping")
-    ax.legend()
-    written.append(_save(fig, out / "norms.png"))
+    written = [_save(norms_figure(log), out / "norms.png")]
 
     fig, ax = plots.figure(9, 3.5)
     steps, values = log.series("clip/rate")
@@ -120,6 +109,23 @@ def plot_run(log: RunLog, out: Path) -> list[Path]:
         history = {layer: dict(zip(*log.series(f"grad_norm/{layer}"))) for layer in layers}
         written.append(_save(plots.grad_norm_heatmap(plots.HeatmapHistory.of(history)), out / "heatmap.png"))
     return written
+
+
+def norms_figure(log: RunLog):
+    """The global norm before and after clipping at the recorded steps, the largest norm of the steps in between
+    (``grad/norm_max``: no spike unseen), and the threshold."""
+    fig, ax = plots.figure(9, 4.5)
+    styles = (("grad/norm", "-"), ("grad/norm_clipped", "-"), ("grad/norm_max", ":"), ("clip/threshold", "--"))
+    for key, style in styles:
+        steps, values = log.series(key)
+        if steps:
+            ax.plot(steps, values, style, label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("global L2 norm")
+    ax.set_title("gradient norm before and after clipping (dotted: largest since the previous record)")
+    ax.legend()
+    return fig
 
 
 def summarize(log: RunLog) -> dict[str, float | str]:

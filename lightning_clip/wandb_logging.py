@@ -22,6 +22,7 @@ STEP = "trainer/global_step"
 SUMMARIES = {
     "grad/norm": "max",
     "grad/norm_clipped": "max",
+    "grad/norm_max": "max",
     "clip/coef": "min",
     "clip/rate": "mean",
     "clip/nonfinite_steps": "last",

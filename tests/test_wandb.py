@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from lightning_clip import GradientClipping
@@ -120,3 +121,42 @@ def test_heatmap_image_at_the_end_of_training(wandb_run):
     images = [row for row in run.history if "grad_norm_heatmap" in row]
     assert len(images) == 1
     assert images[0]["grad_norm_heatmap"]["_type"] == "image-file"
+
+
+class SpikeOnce(TinyModule):
+    """Every gradient x1000 on global step 5, which is not a recording step (records at 3, 7, 11, 15)."""
+
+    def on_after_backward(self):
+        if self.global_step == 5:
+            for p in self.parameters():
+                p.grad *= 1000.0
+
+
+def test_a_spike_between_records_shows_in_the_next_records_maxima_summary_and_report(tmp_path):
+    from lightning_clip.report import load, norms_figure
+
+    norms, body2 = [], []
+
+    class Norms(GradProbe):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            norm = lambda params: float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))  # noqa: E731
+            norms.append(norm(pl_module.parameters()))
+            body2.append(norm(pl_module.body[2].parameters()))
+
+    logger = WandbLogger(project="tests", save_dir=str(tmp_path), offline=True)
+    clipping = GradientClipping("norm", max_norm=1e9, log_every_n_steps=4)
+    trainer(callbacks=[Norms(), clipping], logger=logger, max_epochs=4).fit(SpikeOnce(), loader())
+    logger.experiment.finish()
+    run = read_run(tmp_path)
+    rows = {row["trainer/global_step"]: row for row in run.history if "grad/norm" in row}
+    assert sorted(rows) == [3, 7, 11, 15]
+    for step in rows:  # the max over the steps since the previous record, this one included
+        window = slice(step - 3, step + 1)
+        assert rows[step]["grad/norm_max"] == pytest.approx(max(norms[window]), rel=1e-5)
+        assert rows[step]["grad_norm_max/body.2"] == pytest.approx(max(body2[window]), rel=1e-5)
+    assert rows[7]["grad/norm"] < rows[7]["grad/norm_max"] / 10  # the sampled value alone misses the spike
+    assert run.summary["grad/norm_max"]["max"] == pytest.approx(max(norms), rel=1e-5)
+    assert max(norms) > 1000 * max(norms[:5])
+    fig = norms_figure(load(tmp_path))
+    (line,) = [line for line in fig.axes[0].get_lines() if line.get_label() == "grad/norm_max"]
+    assert max(line.get_ydata()) == pytest.approx(max(norms), rel=1e-5)
