@@ -29,6 +29,7 @@ from lightning_clip.operators import TensorNormClip, UnitwiseClip
 from lightning_clip.params import name_params, optimizer_params
 from lightning_clip.sharding import fsdp1_shards
 from lightning_clip.stats import LayerGrouping, LayerStats
+from lightning_clip.updates import UpdateMonitor
 from lightning_clip.wandb_logging import WandbExtras
 
 log = logging.getLogger("lightning_clip")
@@ -49,6 +50,7 @@ class _Fit:
     Clippers are keyed by the optimizer's index in ``trainer.optimizers``, as their state is in checkpoints."""
 
     wandb: WandbExtras
+    updates: UpdateMonitor = field(default_factory=UpdateMonitor)
     clippers: dict[int, Clipper] = field(default_factory=dict)
     records: dict[int, int] = field(default_factory=dict)
     restored: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -74,6 +76,8 @@ class GradientClipping(Callback):
         track_max: record ``grad/norm_max`` and ``grad_norm_max/<layer>``, the largest L2 norms since the last
             record (every step counts); default: where the method measures L2 norms every step anyway.
         log_grad_max: also record ``grad_max/<layer>``, the largest absolute gradient value before clipping.
+        log_updates: on recording steps, record ``update_norm/<layer>``, ``update_ratio/<layer>`` and
+            ``update/ratio``, the update the optimizer applied (``updates.py``; one copy of the parameters).
         histogram_every, histogram_bins: per-layer gradient histograms every this many records (W&B only).
         heatmap_every: a layers x steps image of per-layer gradient norms every this many records and at the end.
         progress_bar: show the latest ``grad_norm`` and ``clip_rate`` in Lightning's progress bar.
@@ -123,6 +127,7 @@ class GradientClipping(Callback):
         layer_include: str | list[str] | None = None,
         layer_exclude: str | list[str] | None = None,
         log_grad_max: bool = False,
+        log_updates: bool = False,
         histogram_every: int | None = None,
         histogram_bins: int = 64,
         heatmap_every: int | None = None,
@@ -161,6 +166,7 @@ class GradientClipping(Callback):
                 f"{MAX_HISTOGRAM_BINS}] (W&B's largest histogram)"
             )
         self.layer_stats, self.log_grad_max, self.progress_bar = layer_stats, log_grad_max, progress_bar
+        self.log_updates = log_updates
         self.name = _checked("name", name, lambda v: v is None or (isinstance(v, str) and v), "a non-empty string")
         self.optimizers = _indices(optimizers)
         self._fit = _Fit(WandbExtras(self.histogram_bins, self.heatmap_every))
@@ -209,6 +215,7 @@ class GradientClipping(Callback):
         if stage == "fit":
             for clipper in self.clippers.values():
                 clipper.release()
+            self._fit.updates.close()
             for attached in ("log", "log_dict"):  # Lightning binds the module's own onto every callback
                 vars(self).pop(attached, None)
 
@@ -237,6 +244,8 @@ class GradientClipping(Callback):
             return
         suffix = "" if len(trainer.optimizers) <= 1 else f"_opt{index}"
         metrics = self._log(trainer, record.read(), suffix, records)
+        if self.log_updates and not clipper.skipped_this_step:
+            _watch_update(self, trainer, optimizer, clipper, suffix)
         if self.progress_bar:
             shown = {"grad_norm": metrics["grad/norm"], "clip_rate": metrics.get("clip/rate")}
             pl_module.log_dict(
@@ -328,6 +337,21 @@ def _restore(clipper: Clipper, state: dict[str, Any]) -> None:
         raise ClippingConfigError(
             f"GradientClipping({clipper.method.name!r}) cannot restore its state: {error}"
         ) from None
+
+
+def _watch_update(callback: GradientClipping, trainer: pl.Trainer, optimizer, clipper: Clipper, suffix: str) -> None:
+    """Snapshot the parameters of a recording step; the update statistics are logged after the optimizer step, at
+    this step's ``global_step``."""
+    layout, step = clipper.params.layout(), trainer.global_step
+    layers = LayerStats(callback.grouping).index(layout, layout.groups[0][0])
+
+    def emit(metrics: dict[str, float]) -> None:
+        keyed = {base + suffix: value for base, value in metrics.items()}
+        callback.last_metrics.update(keyed)
+        for logger in trainer.loggers:
+            logger.log_metrics(keyed, step=step)
+
+    callback._fit.updates.snapshot(optimizer, layout, layers, emit)
 
 
 def _report_skip(trainer: pl.Trainer, layers: list[str], unrecorded: bool) -> None:

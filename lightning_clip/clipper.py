@@ -226,6 +226,11 @@ class Clipper:
         self._judged_steps = 0
 
     @property
+    def skipped_this_step(self) -> bool:
+        """Whether the last step was skipped (its gradients set to None)."""
+        return self.last_nonfinite is not None or self.last_spike is not None
+
+    @property
     def reads_host(self) -> bool:
         """Whether each step reads one scalar to the host to act on NaN/Inf gradients."""
         return self.nonfinite != "ignore" and not self.scaler_checks_nonfinite

@@ -45,6 +45,7 @@ OPTION_TYPES: dict[str, Any] = {
     "layer_include": list[str] | None,
     "layer_exclude": list[str] | None,
     "log_grad_max": bool,
+    "log_updates": bool,
     "histogram_every": int | None,
     "histogram_bins": int,
     "heatmap_every": int | None,

@@ -146,3 +146,52 @@ def test_bad_layer_options():
         GradientClipping(layer_depth=1, per_parameter=True)
     with pytest.raises(ValueError, match="layer_include=3 is invalid"):
         GradientClipping(layer_include=3)
+
+
+def test_update_statistics_are_the_real_update_on_recording_steps_only():
+    """Parameters after the step minus before, per layer, against a probe that copies them around each step."""
+    snapshots = {}
+
+    class Around(GradProbe):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            snapshots[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    clipping = GradientClipping("norm", max_norm=0.5, log_updates=True, log_every_n_steps=2)
+    logged = []
+
+    class Capture(CSVLogger):
+        def log_metrics(self, metrics, step=None):
+            logged.append((step, dict(metrics)))
+
+    model = TinyModule()
+    trainer(callbacks=[Around(), clipping], logger=Capture("logs"), max_epochs=2).fit(model, loader())
+    snapshots[8] = {n: p.detach().clone() for n, p in model.named_parameters()}
+    updates = [(step, m) for step, m in logged if "update/ratio" in m]
+    assert [step for step, _ in updates] == [1, 3, 5, 7]  # the recording steps
+    for step, metrics in updates:
+        before, after = snapshots[step], snapshots[step + 1]
+        for layer in ("body.0", "body.2", "head"):
+            names = [n for n in before if n.startswith(layer + ".")]
+            delta = math.sqrt(sum((after[n] - before[n]).double().pow(2).sum().item() for n in names))
+            size = math.sqrt(sum(before[n].double().pow(2).sum().item() for n in names))
+            assert metrics[f"update_norm/{layer}"] == pytest.approx(delta, rel=1e-4)
+            assert metrics[f"update_ratio/{layer}"] == pytest.approx(delta / size, rel=1e-4)
+        total = math.sqrt(sum((after[n] - before[n]).double().pow(2).sum().item() for n in before))
+        norm = math.sqrt(sum(before[n].double().pow(2).sum().item() for n in before))
+        assert metrics["update/ratio"] == pytest.approx(total / norm, rel=1e-4)
+
+
+def test_update_statistics_cost_no_host_read_off_recording_steps():
+    clipping = GradientClipping("norm", nonfinite="ignore", log_updates=True, log_every_n_steps=100)
+    counts = []
+
+    class Count(GradProbe):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.counter = HostReads().__enter__()
+
+        def on_train_batch_end(self, *args):
+            self.counter.__exit__(None, None, None)
+            counts.append(self.counter.count)
+
+    trainer(callbacks=[Count(), clipping], max_epochs=2).fit(TinyModule(), loader())
+    assert counts == [0] * 8

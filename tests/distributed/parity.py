@@ -162,7 +162,7 @@ def fit(strategy_name, precision, method, params, epochs=1, nan=False, root=None
     elif precision == "16-mixed":
         plugins = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
         precision = None
-    clipping = CountingClipping(method, log_every_n_steps=2, **params)
+    clipping = CountingClipping(method, log_every_n_steps=2, log_updates=True, **params)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,

@@ -44,7 +44,7 @@ def launch(tmp_path, *args):
 
 
 def single_process(method, precision="32-true", nan_at_step=None):
-    clipping = GradientClipping(method, log_every_n_steps=2, **METHODS[method])
+    clipping = GradientClipping(method, log_every_n_steps=2, log_updates=True, **METHODS[method])
     model = TinyModule(nan_at_step=nan_at_step)
     plugins = []
     if precision == "16-mixed":
@@ -61,7 +61,7 @@ def assert_matches(result, method, precision="32-true", rtol=1e-5, atol=1e-6, na
     for name, value in result["params"].items():
         torch.testing.assert_close(value, params[name].detach(), rtol=rtol, atol=atol, msg=f"{method} {name}")
     for key, value in clipping.last_metrics.items():
-        if key.startswith(("grad/", "grad_norm/", "param_norm/", "grad_ratio/", "clip/threshold")):
+        if key.startswith(("grad/", "grad_norm/", "param_norm/", "grad_ratio/", "clip/threshold", "update")):
             assert result["metrics"][key] == pytest.approx(value, rel=rtol * 10, abs=atol), (method, key)
 
 
