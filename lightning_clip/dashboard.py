@@ -32,6 +32,7 @@ def clipping_workspace(entity: str, project: str, name: str = "lightning_clip: g
             is_open=True,
             panels=[
                 lines("norm before / after clipping", ["grad/norm", "grad/norm_clipped"], log_y=True),
+                lines("largest norm since the previous record (no spike unseen)", ["grad/norm_max"], log_y=True),
                 lines("threshold in force", ["clip/threshold"]),
             ],
         ),
@@ -41,7 +42,10 @@ def clipping_workspace(entity: str, project: str, name: str = "lightning_clip: g
             panels=[
                 lines("fraction of steps clipped", ["clip/rate"]),
                 lines("clip coefficient (1 = untouched)", ["clip/coef"]),
-                lines("non-finite / skipped steps", ["clip/nonfinite_steps", "clip/skipped_steps"]),
+                lines(
+                    "non-finite / skipped steps",
+                    ["clip/nonfinite_steps", "clip/skipped_steps", "clip/spike_skipped_steps"],
+                ),
             ],
         ),
         ws.Section(
@@ -49,9 +53,19 @@ def clipping_workspace(entity: str, project: str, name: str = "lightning_clip: g
             is_open=True,
             panels=[
                 per_layer("gradient norm per layer", "grad_norm/.*"),
+                per_layer("largest gradient norm per layer since the previous record", "grad_norm_max/.*"),
                 per_layer("gradient / parameter norm per layer", "grad_ratio/.*"),
                 per_layer("largest |gradient| per layer", "grad_max/.*"),
                 per_layer("non-finite gradients per layer", "grad_nonfinite/.*"),
+            ],
+        ),
+        ws.Section(
+            name="Updates (log_updates=True)",
+            is_open=True,
+            panels=[
+                lines("update / parameter norm, whole model", ["update/ratio"], log_y=True),
+                per_layer("update / parameter norm per layer", "update_ratio/.*"),
+                per_layer("update norm per layer", "update_norm/.*"),
             ],
         ),
         ws.Section(

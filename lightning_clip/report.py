@@ -104,6 +104,8 @@ def plot_run(log: RunLog, out: Path) -> list[Path]:
     ax.set_title("clip rate")
     written.append(_save(fig, out / "clip_rate.png"))
 
+    if log.series("update/ratio")[0]:
+        written.append(_save(updates_figure(log), out / "updates.png"))
     layers = [k.split("/", 1)[1] for k in log.keys() if k.startswith("grad_norm/")]
     if layers:
         history = {layer: dict(zip(*log.series(f"grad_norm/{layer}"))) for layer in layers}
@@ -125,6 +127,21 @@ def norms_figure(log: RunLog):
     ax.set_ylabel("global L2 norm")
     ax.set_title("gradient norm before and after clipping (dotted: largest since the previous record)")
     ax.legend()
+    return fig
+
+
+def updates_figure(log: RunLog):
+    """The update / parameter norm ratio of the whole model and of each layer (``log_updates=True``)."""
+    fig, ax = plots.figure(9, 4.5)
+    keys = ["update/ratio"] + [k for k in log.keys() if k.startswith("update_ratio/")]
+    for key in keys:
+        steps, values = log.series(key)
+        ax.plot(steps, values, "-" if key == "update/ratio" else ":", label=key, linewidth=2 if "/ratio" in key else 1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("update norm / parameter norm")
+    ax.set_title("what the optimizer applied, relative to the weights")
+    ax.legend(fontsize=7)
     return fig
 
 

@@ -23,8 +23,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
-from omegaconf import DictConfig
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_clip import ClippingConfigError, GradientClipping, NonFiniteGradientError
 from lightning_clip.report import report
@@ -42,6 +43,38 @@ def make_clipping(cfg: DictConfig) -> GradientClipping:
             print(f"error in clipping config: {cause}", file=sys.stderr)
             sys.exit(2)
         raise
+
+
+def make_callbacks(cfg: DictConfig, clipping: GradientClipping, logger) -> list[pl.Callback]:
+    """The clipping callback, then those of the ``callbacks`` group; a learning-rate monitor needs a logger, and a
+    clipping callback there would clip twice, so it is refused."""
+    callbacks: list[pl.Callback] = [clipping]
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        callback = instantiate(spec)
+        if isinstance(callback, GradientClipping):
+            print(f"error: callbacks.{name} is a GradientClipping; set clipping in the clipping group", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(callback, LearningRateMonitor) and not logger:
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
+def log_run_config(cfg: DictConfig, logger) -> None:
+    """The whole composed, resolved config (model, data, trainer, logger, seed, ...) in the W&B run config, as nested
+    dicts W&B can filter and group by; ``clipping`` stays the callback's own entry, and ``_target_`` keys are left
+    out."""
+    if not isinstance(logger, WandbLogger):
+        return
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("clipping", None)
+    logger.log_hyperparams(_without_targets(config))  # rank zero only
+
+
+def _without_targets(value):
+    if isinstance(value, dict):
+        return {k: _without_targets(v) for k, v in value.items() if k not in ("_target_", "_convert_")}
+    return value
 
 
 def make_logger(cfg: DictConfig):
@@ -64,7 +97,9 @@ def main(cfg: DictConfig) -> float:
     clipping = make_clipping(cfg)
     output = Path(HydraConfig.get().runtime.output_dir)
     logger = make_logger(cfg)
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[clipping], logger=logger, default_root_dir=str(output))
+    log_run_config(cfg, logger)
+    callbacks = make_callbacks(cfg, clipping, logger)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output))
     diverged = None
     try:
         trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
@@ -78,7 +113,7 @@ def main(cfg: DictConfig) -> float:
     if isinstance(logger, WandbLogger):
         wandb_dir = Path(logger.experiment.dir).parent
         logger.experiment.finish()  # close the run: a sweep's next job starts its own
-    plots = report(output) if cfg.report and logger else []
+    plots = report(output) if cfg.report and isinstance(logger, CSVLogger | WandbLogger) else []  # what it reads
     rate = clipping.clipped_steps / clipping.judged_steps if clipping.judged_steps else math.nan
     print("\n--- lightning_clip run summary ---")
     print(f"clipping              {clipping.method.name} {clipping.method.params()}")
