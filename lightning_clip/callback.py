@@ -257,6 +257,8 @@ class GradientClipping(Callback):
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for clipper in self.clippers.values():
+            clipper.flush()
         self._fit.wandb.finish(trainer)
 
     def _clipper(

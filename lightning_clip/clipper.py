@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip.methods import Method
-from lightning_clip.operators import Measured, Threshold, tensor_norms
+from lightning_clip.operators import NORM_EPS, Applied, GlobalNormClip, Measured, NoClip, Threshold, tensor_norms
 from lightning_clip.params import Layout, ParamSet
 from lightning_clip.sharding import FlatShard
 from lightning_clip.spikes import SpikeSkipper
@@ -38,6 +38,13 @@ from lightning_clip.stats import LayerStats
 
 NonFinite = Literal["skip", "raise", "ignore"]
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "ignore")
+
+
+def _clear_folded(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    """After a fused optimizer's step: drop the clip coefficient and skip flag handed to it for that step."""
+    for name in ("grad_scale", "found_inf"):
+        if hasattr(optimizer, name):
+            delattr(optimizer, name)
 
 
 class NonFiniteGradientError(RuntimeError):
@@ -190,6 +197,7 @@ class Clipper:
         skip_spikes: float | None = None,
         spike_window: int = 128,
         track_max: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
@@ -199,6 +207,20 @@ class Clipper:
         names, params = [name for name, _ in pairs], [p for _, p in pairs]
         self.method, self.names = method, names
         self.policy, self.operator = method.build()
+        measures = isinstance(self.operator, GlobalNormClip) or (
+            isinstance(self.operator, NoClip) and nonfinite != "ignore"
+        )
+        foldable = measures and not method.exclude
+        supports = optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
+        self.fused = bool(foldable and supports and not scaler_checks_nonfinite) if fused is None else fused
+        if self.fused:
+            if not (foldable and supports and not scaler_checks_nonfinite):
+                raise ValueError("fused=True needs a fused optimizer, a global-coefficient method and no GradScaler")
+            self._optimizer = optimizer
+            optimizer.register_step_post_hook(_clear_folded)
+            self._device_skips = torch.zeros((), dtype=torch.long)
+            self._consecutive = torch.zeros((), dtype=torch.long)
+            self._flags: Tensor | None = None  # per tensor: held NaN/Inf since the last report
         if self.operator.reads_optimizer:
             if optimizer is None:
                 raise ValueError(
@@ -255,6 +277,8 @@ class Clipper:
             self._count(finite, measured.overall)
         if self.track_max:
             self._track_max(layout, self._l2_norms(layout, grads, measured))
+        if self.fused:
+            return self._folded_step(layout, grads, measured, record, histogram)
         if self.reads_host:
             proceed, levels = finite, None
             if self.spikes is not None:
@@ -284,6 +308,58 @@ class Clipper:
         else:
             clipped_norms = tensor_norms(layout, grads, 2.0)
         return self._record(layout, grad_norms, clipped_norms, reported, before)
+
+    def _folded_step(
+        self, layout: Layout, grads: list[Tensor], measured: Measured, record: bool, histogram: bool
+    ) -> StepRecord | None:
+        """The fused-optimizer path: the clip coefficient becomes the optimizer's ``grad_scale`` (its kernel divides
+        the gradients by it as it reads them) and the skip decision its ``found_inf`` (the kernel then leaves
+        parameters, moments and step counts unchanged). Nothing is read from the device: skips are counted there and
+        reported (names, the ``max_consecutive_skips`` guard) with the next record, in one read."""
+        finite = torch.isfinite(measured.overall)
+        skip = ~finite if self.nonfinite == "skip" else torch.zeros_like(finite)
+        if self.spikes is not None and self.nonfinite == "skip":
+            spike = self.spikes.is_spike(measured.overall)
+            self.spikes.observe(measured.overall, measured.norms, finite)
+            skip = skip | (spike & finite)
+        self._device_skips = self._device_skips.to(skip.device) + skip.long()
+        self._consecutive = torch.where(skip, self._consecutive.to(skip.device) + 1, 0)
+        flags = ~torch.isfinite(measured.norms)
+        self._flags = flags if self._flags is None or self._flags.shape != flags.shape else self._flags | flags
+        grad_norms = self._l2_norms(layout, grads, measured) if record else None
+        before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
+        threshold = self.policy.threshold(layout, measured)
+        reported = self.policy.reported(threshold) if record else threshold
+        coef = torch.clamp(threshold / (measured.total + NORM_EPS), max=1.0).float()
+        self._optimizer.grad_scale = torch.where(skip, 1.0, 1.0 / coef)
+        self._optimizer.found_inf = skip.float()
+        applied = Applied(changed=coef < 1.0, scale=coef.expand(len(layout)))
+        self.policy.observe(layout, measured, applied, finite & ~skip)
+        self._clipped_steps = self._clipped_steps.to(coef.device) + (applied.changed & ~skip)
+        self._judged_steps += 1
+        if not record:
+            return None
+        self._report_device_skips(layout)
+        return self._record(layout, grad_norms, grad_norms * torch.where(skip, 0.0, coef), reported, before)
+
+    def _report_device_skips(self, layout: Layout) -> None:
+        """One read of the fused path's counters: skips since the last report, the streak, the tensors."""
+        skips, streak, *flags = torch.cat([self._device_skips.reshape(1), self._consecutive.reshape(1),
+                                           self._flags.long()]).tolist()  # fmt: skip
+        new, self.skipped_steps, self.consecutive_skips = skips - self.skipped_steps, skips, streak
+        self._flags = None
+        self.last_nonfinite = [name for name, flag in zip(layout.names, flags) if flag] if new else None
+        if streak > self.max_consecutive_skips:
+            raise NonFiniteGradientError(
+                f"{streak} optimizer steps in a row were skipped (non-finite gradients or spikes; "
+                f"max_consecutive_skips={self.max_consecutive_skips}), seen at a record of the fused-optimizer path. "
+                "Training is diverging or the data holds NaN/Inf: lower the learning rate or check the inputs."
+            )
+
+    def flush(self) -> None:
+        """Bring the fused path's device counters to the host (at the end of a fit)."""
+        if self.fused and self._flags is not None and self.params is not None:
+            self._report_device_skips(self.params.layout())
 
     def _track_max(self, layout: Layout, norms: Tensor) -> None:
         """Keep the running max since the last record of the global L2 norm and of each layer's (NaN ignored), on

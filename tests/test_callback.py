@@ -12,7 +12,7 @@ from lightning.pytorch.plugins import FSDPPrecision, MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import timm_style_agc
+from helpers import HostReads, timm_style_agc
 from lightning_clip import AGC, ClippingConfigError, GradientClipping, NonFiniteGradientError, Norm
 from lightning_clip.wandb_offline import read_run
 from models import CPUFSDPStrategy, GradProbe, TinyModule, TwoOptimizerModule, loader, trainer
@@ -472,3 +472,66 @@ def test_spam_refuses_an_optimizer_without_a_second_moment_and_judges_each_optim
     spam = GradientClipping("spam", optimizers=0, warmup_steps=1)
     trainer([spam, GradientClipping("norm", optimizers=1)]).fit(AdamAndSGD(), loader())
     assert spam.clippers[0].steps == 4
+
+
+class FusedAdam(TinyModule):
+    def __init__(self, fused=True, **kwargs):
+        super().__init__(**kwargs)
+        self.fused = fused
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.01, fused=self.fused)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("norm", {"max_norm": 0.5}), ("autoclip", {}), ("zclip", {"warmup_steps": 3}), ("none", {})],
+)
+def test_clipping_folded_into_a_fused_optimizer_equals_clip_then_step(method, kwargs, precision):
+    """The clip coefficient handed to fused AdamW as its grad_scale (the kernel divides the gradients by it) gives
+    the parameters of clipping in place then stepping the unfused AdamW."""
+    runs = {}
+    for fused in (True, False):
+        model = FusedAdam(fused=fused)
+        clipping = GradientClipping(method, log_every_n_steps=2, **kwargs)
+        trainer([clipping], max_epochs=3, precision=precision).fit(model, loader())
+        runs[fused] = (model, clipping)
+    assert runs[True][1].clippers[0].fused and not runs[False][1].clippers[0].fused
+    for (name, a), b in zip(runs[True][0].named_parameters(), runs[False][0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("grad/norm", "grad/norm_clipped", "clip/rate"):
+        assert runs[True][1].last_metrics[key] == pytest.approx(runs[False][1].last_metrics[key], rel=1e-5)
+    assert not hasattr(runs[True][0].trainer.optimizers[0], "grad_scale")  # cleared after every step
+
+
+def test_a_skip_on_the_fused_path_reads_nothing_and_changes_no_state():
+    """A NaN at step 2: found_inf makes the fused kernel leave parameters, moments and the step count as they were;
+    no step reads from the device; the skip is counted and reported at the next record."""
+    snapshots, reads = {}, []
+
+    class Around(GradProbe):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            opt = trainer.optimizers[0]
+            snapshots[trainer.global_step] = (
+                [p.detach().clone() for p in pl_module.parameters()],
+                {k: {n: t.clone() for n, t in v.items()} for k, v in opt.state.items()},
+            )
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.counter = HostReads().__enter__()
+
+        def on_train_batch_end(self, *args):
+            self.counter.__exit__(None, None, None)
+            reads.append(self.counter.count)
+
+    clipping = GradientClipping("norm", max_norm=0.5, log_every_n_steps=4)
+    model = FusedAdam(nan_at_step=2)
+    trainer([Around(), clipping], max_epochs=2).fit(model, loader())
+    assert reads == [0, 0, 0, 2, 0, 0, 0, 2]  # at records only (steps 3, 7): the skip counters, then the record
+    (params_before, state_before), (params_after, state_after) = snapshots[2], snapshots[3]
+    assert all(torch.equal(a, b) for a, b in zip(params_before, params_after))
+    for key in state_before:
+        for name in state_before[key]:
+            assert torch.equal(state_before[key][name], state_after[key][name]), name
+    assert clipping.skipped_steps == 1 and clipping.last_metrics["clip/skipped_steps"] == 1.0
