@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -120,3 +122,50 @@ def trainer(callbacks, max_steps=-1, max_epochs=1, **kwargs):
         enable_model_summary=False,
         **kwargs,
     )
+
+
+class NormsPerStep(GradProbe):
+    """Placed after GradientClipping (recording every step): the pre-clip global norm it measured, per step."""
+
+    def __init__(self, clipping):
+        super().__init__()
+        self.clipping, self.pre_clip = clipping, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.pre_clip.append(self.clipping.last_metrics.get("grad/norm", math.nan))
+
+
+def fsdp1_against_plain(accelerator, strategy, plugins=(), precision=None):
+    """The same model, batches and clipping with and without FSDP1 (one device); per-step pre-clip norms."""
+    from lightning_clip import GradientClipping
+
+    def run(strategy, plugins):
+        clipping = GradientClipping("norm", max_norm=0.5, log_every_n_steps=1)
+        probe = NormsPerStep(clipping)
+        model = TinyModule(lr=0.01)
+        pl.Trainer(
+            accelerator=accelerator,
+            devices=1,
+            strategy=strategy,
+            precision=precision,
+            plugins=list(plugins),
+            callbacks=[clipping, probe],
+            max_epochs=4,
+            use_distributed_sampler=False,  # FSDPStrategy installs a shuffled sampler even on one device
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(model, loader())
+        return probe.pre_clip, clipping
+
+    return run(strategy, plugins[:1]), run("auto", plugins[1:])
+
+
+def assert_same_finite_norms(sharded, plain, rtol, least):
+    import pytest
+
+    finite = [i for i, (a, b) in enumerate(zip(sharded, plain)) if math.isfinite(a) and math.isfinite(b)]
+    assert len(sharded) == len(plain) == 16 and len(finite) >= least, (sharded, plain)
+    for i in finite:
+        assert sharded[i] == pytest.approx(plain[i], rel=rtol), (i, sharded, plain)

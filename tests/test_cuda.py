@@ -1,0 +1,87 @@
+"""On a CUDA GPU (skipped without one): FSDP1 against a plain run, the fused-optimizer path, SPAM, and host syncs.
+This module imports neither W&B nor Hydra, so it runs where only torch and Lightning are installed."""
+
+import pytest
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from lightning_clip import SPAM, Clipper, GradientClipping, methods
+from models import TinyModule, assert_same_finite_norms, fsdp1_against_plain, loader
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_fsdp1_on_cuda_matches_a_single_device_run(precision):
+    """Lightning's own FSDPStrategy on one GPU (fp16: its ShardedGradScaler, at GradScaler's default scale, whose
+    first steps overflow) against the same run without FSDP, per step from the first, same batches."""
+    (sharded, clipping), (plain, _) = fsdp1_against_plain(
+        "cuda", FSDPStrategy(auto_wrap_policy={torch.nn.Linear}), precision=precision
+    )
+    rtol, least = (1e-5, 16) if precision == "32-true" else (1e-2, 8)
+    assert_same_finite_norms(sharded, plain, rtol=rtol, least=least)
+    assert clipping.judged_steps > 0
+
+
+def cuda_run(fused, method="norm", precision="32-true", **kwargs):
+    import lightning.pytorch as pl
+
+    class Adam(TinyModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.01, fused=fused)
+
+    model, clipping = Adam(), GradientClipping(method, log_every_n_steps=2, **kwargs)
+    pl.Trainer(
+        accelerator="cuda",
+        devices=1,
+        precision=precision,
+        callbacks=[clipping],
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    ).fit(model, loader())
+    return model, clipping
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("method", ["norm", "zclip"])
+def test_fused_path_on_cuda_equals_clip_then_step(method, precision):
+    (folded, clipping), (plain, _) = cuda_run(True, method, precision), cuda_run(False, method, precision)
+    assert clipping.clippers[0].fused
+    for a, b in zip(folded.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_spam_on_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(64, 32, generator=gen) * 10, torch.randn(32, generator=gen)]
+    moments = [torch.rand(64, 32, generator=gen) * 1e-2, torch.rand(32, generator=gen) * 1e-2]
+    moments[0][0, 0] = 0.0
+    out = {}
+    for device in ("cpu", "cuda"):
+        params = [torch.nn.Parameter(torch.zeros_like(g, device=device)) for g in grads]
+        optimizer = torch.optim.Adam(params)
+        for p, g, v in zip(params, grads, moments):
+            p.grad, optimizer.state[p]["exp_avg_sq"] = g.to(device), v.to(device)
+        Clipper(SPAM(theta=50.0, warmup_steps=1), zip("ab", params), optimizer=optimizer, nonfinite="ignore").step()
+        out[device] = [p.grad.cpu() for p in params]
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("norm", {}), ("agc", {}), ("zclip", {}), ("adagc", {})])
+def test_no_host_sync_with_ignore_on_cuda(method, kwargs):
+    params = [torch.nn.Parameter(torch.randn(256, 256, device="cuda")) for _ in range(8)]
+    clipper = Clipper(methods.from_arguments(method, kwargs), zip(map(str, range(8)), params), nonfinite="ignore")
+    for p in params:
+        p.grad = torch.randn_like(p)
+    clipper.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            clipper.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
