@@ -5,6 +5,8 @@
     python scripts/benchmark.py --training      # Lightning runs: per-layer statistics vs wandb.watch / grad_norm
     python scripts/benchmark.py --fsdp2         # 2 processes (gloo): sharded norm vs clip_grad_norm_ on DTensors
     python scripts/benchmark.py --fsdp1         # 2 processes (gloo): FSDP1 flat shards vs FSDP's own clip_grad_norm_
+    python scripts/benchmark.py --fused         # clipping folded into a fused AdamW step vs clip_grad_norm_ + step
+    python scripts/benchmark.py --device cuda   # the same tables on a GPU (synchronised timing, host syncs counted)
 
 Each row times our engine (``Clipper.step``, what ``GradientClipping`` runs in ``on_before_optimizer_step``) and its
 baseline on the same gradients, alternating which goes first, and reports median(ours) / median(baseline). Ratios,
@@ -28,13 +30,21 @@ from lightning_clip.stats import LayerGrouping, LayerStats
 MODELS = {"200 tensors / 25M": (100, 500), "2000 tensors / 25M": (1000, 158)}
 
 
+DEVICE = torch.device("cpu")
+
+
 def make_model(layers: int, width: int) -> list[torch.nn.Parameter]:
     torch.manual_seed(0)
     params = []
     for _ in range(layers):
-        linear = torch.nn.Linear(width, width)
+        linear = torch.nn.Linear(width, width, device=DEVICE)
         params += [linear.weight, linear.bias]
     return params
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def refill(params: list[torch.nn.Parameter], generator: torch.Generator) -> None:
@@ -103,8 +113,10 @@ def time_pair(ours, baseline, params, repeats: int) -> float:
             order.reverse()
         for name, fn in order:
             refill(params, generator)
+            sync()
             start = time.perf_counter()
             fn()
+            sync()
             elapsed = time.perf_counter() - start
             if r >= 2:  # the first two rounds warm caches and build layouts
                 times[name].append(elapsed)
@@ -350,6 +362,32 @@ def sharded_table(kind: str, repeats: int, threads: int) -> None:
     print(f"| collectives per step | {results['collectives_ours']} | {results['collectives_baseline']} |")
 
 
+def fused_table(repeats: int) -> None:
+    """Clipping folded into fused AdamW (``grad_scale``/``found_inf``) against clip_grad_norm_ then the same step.
+    The cost of clipping is time(clip + fused step) - time(fused step alone), each measured in the same run."""
+    print("| layout | our clipping cost / clip_grad_norm_'s (fused AdamW, norm, nonfinite=skip) |")
+    print("|---|---|")
+    for name, shape in MODELS.items():
+        print(f"| {name} | {fused_ratio(make_model(*shape), repeats):.2f} |")
+
+
+def fused_ratio(params, repeats: int) -> float:
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    engine = Clipper(methods.Norm(), zip(names(params), params), optimizer=optimizer, nonfinite="skip")
+
+    def ours():
+        engine.step()
+        optimizer.step()
+
+    def theirs():
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+
+    cost_ours = time_pair(ours, optimizer.step, params, repeats) - 1.0
+    cost_theirs = time_pair(theirs, optimizer.step, params, repeats) - 1.0
+    return cost_ours / cost_theirs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
@@ -357,10 +395,17 @@ def main() -> None:
     parser.add_argument("--training", action="store_true", help="time Lightning runs instead of clipping alone")
     parser.add_argument("--fsdp2", action="store_true", help="time clipping of FSDP2 (DTensor) gradients")
     parser.add_argument("--fsdp1", action="store_true", help="time clipping of FSDP1 (flat-shard) gradients")
+    parser.add_argument("--fused", action="store_true", help="time clipping folded into a fused optimizer step")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int, default=60, help="with --training: steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="with --training: runs per variant")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if args.fused:
+        fused_table(args.repeats)
+        return
     if args.training:
         training_table(args.steps, args.rounds)
         return
