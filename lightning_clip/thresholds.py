@@ -55,6 +55,13 @@ def resized_ring(history: Tensor, count: int, window: int) -> Tensor:
 PARAMETER_FLOOR = 1e-3
 
 
+def warming_up(steps: int, warmup_steps: int) -> bool:
+    """Whether the warmup guard is computed this step, from the steps taken (a host count: no read). The device
+    counts only finite steps, so the guard is computed for twice the warmup; past that a warmup still unfinished
+    (more non-finite steps than warmup steps) goes unguarded."""
+    return steps < 2 * warmup_steps
+
+
 def parameter_guard(layout: Layout, like: Tensor, clip_factor: float) -> Tensor:
     """``clip_factor`` times the global L2 norm of the parameters that are clipped: the limit the adaptive methods
     apply while their own statistics are being collected. It follows the model's scale, as AGC's unit-wise limit
@@ -153,6 +160,7 @@ class AutoClipThreshold(ThresholdPolicy):
     ) -> None:
         self.percentile, self.window = percentile, window
         self.warmup_steps, self.warmup_clip_factor = warmup_steps, warmup_clip_factor
+        self.steps = 0  # steps taken, on the host
         self.history = torch.full((window,), math.nan)
         self.count = torch.zeros((), dtype=torch.long)
 
@@ -165,7 +173,8 @@ class AutoClipThreshold(ThresholdPolicy):
         assert measured is not None
         candidate = self._with_current(measured.total)
         threshold = torch.nanquantile(candidate, self.percentile / 100.0)
-        if not self.warmup_clip_factor:
+        self.steps += 1
+        if not self.warmup_clip_factor or not warming_up(self.steps - 1, self.warmup_steps):
             return threshold
         guard = parameter_guard(layout, threshold, self.warmup_clip_factor)
         warming = self.count.to(threshold.device) < self.warmup_steps
@@ -223,6 +232,7 @@ class ZClipThreshold(ThresholdPolicy):
         self.warmup_clip_factor = warmup_clip_factor
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
         self.max_norm, self.skip_update_on_spike, self.eps = max_norm, skip_update_on_spike, eps
+        self.steps = 0  # steps taken, on the host
         self.warmup = torch.zeros(warmup_steps)
         self.count = torch.zeros((), dtype=torch.long)
         self.mean = torch.zeros(())
@@ -256,7 +266,8 @@ class ZClipThreshold(ThresholdPolicy):
         spike = spike & initialized
         self._spike = (spike, limit)
         threshold = torch.where(spike, limit, torch.full_like(norm, math.inf))
-        if self.warmup_clip_factor:
+        self.steps += 1
+        if self.warmup_clip_factor and warming_up(self.steps - 1, self.warmup_steps):
             guard = parameter_guard(layout, norm, self.warmup_clip_factor)
             threshold = torch.where(initialized, threshold, guard)
         if self.max_norm is not None:
@@ -344,6 +355,7 @@ class AdaGCThreshold(ThresholdPolicy):
     ) -> None:
         self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps = beta, lambda_rel, lambda_abs, warmup_steps
         self.warmup_clip_factor = warmup_clip_factor
+        self.steps = 0  # steps taken, on the host
         self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
         self.count = torch.zeros((), dtype=torch.long)
 
@@ -364,9 +376,10 @@ class AdaGCThreshold(ThresholdPolicy):
         norms = measured.norms
         gamma, index = self._gamma(layout, norms)
         warming = self.count < self.warmup_steps
+        self.steps += 1
         if self.lambda_abs is not None:
             limit = self.lambda_abs
-        elif self.warmup_clip_factor:
+        elif self.warmup_clip_factor and warming_up(self.steps - 1, self.warmup_steps):
             limit = parameter_guard(layout, norms, self.warmup_clip_factor)
         else:
             limit = math.inf

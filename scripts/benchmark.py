@@ -105,7 +105,7 @@ def timm_adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3) -> None:
 
 
 def time_pair(ours, baseline, params, repeats: int) -> float:
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator(device=DEVICE).manual_seed(1)
     times: dict[str, list[float]] = {"ours": [], "baseline": []}
     for r in range(repeats + 2):
         order = [("ours", ours), ("baseline", baseline)]
