@@ -59,7 +59,7 @@ def names(params) -> list[str]:
 
 
 def clipper(
-    method: str, params, nonfinite: str, flat_shards=None, optimizer=None, skip_spikes=None, **kwargs
+    method: str, params, nonfinite: str, flat_shards=None, optimizer=None, skip_spikes=None, track_max=None, **kwargs
 ) -> Callable[[], object]:
     engine = Clipper(
         methods.from_arguments(method, kwargs),
@@ -68,8 +68,28 @@ def clipper(
         optimizer=optimizer,
         nonfinite=nonfinite,
         skip_spikes=skip_spikes,
+        track_max=track_max,
+        stats=LayerStats(LayerGrouping()),
     )
     return engine.step
+
+
+def recording_with_updates(params) -> Callable[[], object]:
+    """A recording step with per-layer gradient statistics and update statistics (``log_updates``): the clip and its
+    record, the parameter copy, and the update norms (the optimizer step between them, the same for every clipping,
+    is left out), each read to the host once."""
+    from lightning_clip.updates import update_stats
+
+    stats = LayerStats(LayerGrouping())
+    engine = Clipper(methods.Norm(), zip(names(params), params), nonfinite="ignore", stats=stats)
+
+    def step():
+        engine.step(record=True).read()
+        layout = engine.params.layout()
+        before = [p.clone() for p in layout.local_params()]
+        return update_stats(layout, stats.index(layout, layout.groups[0][0]), before)
+
+    return step
 
 
 def adam_with_moments(params) -> torch.optim.Optimizer:
@@ -164,6 +184,22 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
         cases.append((f"{label}, nonfinite=ignore", "norm, fixed max_norm (ours)", engine, fixed_norm))
     spam = clipper("spam", params, "ignore", optimizer=adam_with_moments(params), warmup_steps=1)
     cases.append(("spam, nonfinite=ignore", "norm, fixed max_norm (ours)", spam, fixed_norm))
+    cases.append(
+        (
+            "norm, nonfinite=ignore (track_max, the default)",
+            "norm, nonfinite=ignore, track_max=False (ours)",
+            clipper("norm", params, "ignore"),
+            clipper("norm", params, "ignore", track_max=False),
+        )
+    )
+    cases.append(
+        (
+            "norm + per-layer stats + log_updates (logging step)",
+            "clip_grad_norm_(foreach=True)",
+            recording_with_updates(params),
+            norm_baseline,
+        )
+    )
     cases.append(
         (
             "norm, nonfinite=skip, skip_spikes=6",
