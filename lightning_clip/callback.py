@@ -61,7 +61,8 @@ class GradientClipping(Callback):
 
     ``GradientClipping("agc", clip_factor=0.02)`` or ``GradientClipping(AGC(clip_factor=0.02))``: a method's name
     with its parameters as keyword arguments (each method's class in ``lightning_clip.methods`` documents them; a
-    parameter the method does not take is an error that lists the ones it does), or a method object.
+    parameter the method does not take is an error that lists the ones it does), or a method object. With no
+    argument, ``GradientClipping()`` is AGC with its defaults: the study's method that needs no tuning (README).
 
     Args:
         nonfinite: on NaN/Inf gradients, ``skip`` the optimizer step (parameters and optimizer state unchanged),
@@ -88,7 +89,7 @@ class GradientClipping(Callback):
 
     def __init__(
         self,
-        method: str | Method = "norm",
+        method: str | Method = "agc",
         *,
         max_norm: float | None = None,
         norm_type: float | str | None = None,

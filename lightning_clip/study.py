@@ -285,8 +285,34 @@ class StudyTable(HydraCallback):
             print(f"study results         {written[0]}")
 
 
+def summary(rows: list[dict[str, Any]]) -> str:
+    """A markdown table, one line per task at the base learning rate: the best fixed threshold, then each
+    configuration that needs no threshold as (final loss / best fixed threshold's), "div" where a seed diverged."""
+    base = [row for row in rows if row["lr x"] == 1.0]
+    adaptive = list(dict.fromkeys((r["method"], r["setting"]) for r in base if r["method"] not in FIXED + ("none",)))
+    names = [f"{m}" if s == "defaults" else f"{m} {s}" for m, s in adaptive]
+    lines = ["| task | best fixed threshold (loss) | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for task in sorted({r["task"] for r in base}):
+        same = {(r["method"], r["setting"]): r for r in base if r["task"] == task}
+        best = [r for r in same.values() if r.get("best fixed")]
+        cells = [f"{best[0]['method']} {best[0]['setting']} ({best[0]['final loss']:.3g})" if best else "-"]
+        for key in adaptive:
+            row = same.get(key)
+            if row is None:
+                cells.append("n/a")
+            elif row["divergence rate"] > 0:
+                cells.append(f"div {row['divergence rate']:.2g}")
+            else:
+                cells.append(f"{row['loss / best fixed']:.2f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main_tables(sweeps: list[Path], directory: Path) -> list[Path]:
-    """The tables of the results of several sweeps (the study's chunks) together, in ``directory``."""
+    """The tables of the results of several sweeps (the study's chunks) together, in ``directory``, with
+    ``summary.md``."""
     results = [json.loads(p.read_text()) for sweep in sweeps for p in sorted(Path(sweep).glob("*/result.json"))]
     directory.mkdir(parents=True, exist_ok=True)
-    return write_tables(aggregate(results), directory)
+    rows = aggregate(results)
+    (directory / "summary.md").write_text(summary(rows) + "\n")
+    return [*write_tables(rows, directory), directory / "summary.md"]

@@ -30,6 +30,12 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if "--merge" in sys.argv:  # python scripts/study.py --merge OUT SWEEP [SWEEP ...]
+        from lightning_clip.study import main_tables
+
+        out, *sweeps = sys.argv[sys.argv.index("--merge") + 1 :]
+        print("\n".join(map(str, main_tables([Path(s) for s in sweeps], Path(out)))))
+        sys.exit(0)
     if "--quick" in sys.argv:
         sys.argv = [sys.argv[0], *QUICK, *(a for a in sys.argv[1:] if a != "--quick")]
     main()

@@ -1,6 +1,6 @@
 """The lightning_clip Hydra app: train a model with GradientClipping, log to W&B (offline by default), report.
 
-    python scripts/train.py                            # the demo: tanh RNN, adding problem, norm clipping
+    python scripts/train.py                            # the demo: tanh RNN, adding problem, AGC (the default clipping)
     python scripts/train.py clipping=agc clipping.clip_factor=0.02
     python scripts/train.py clipping=none                        # watch it diverge
     python scripts/train.py trainer=ddp trainer.devices=2        # 2 processes on CPU (gloo)
