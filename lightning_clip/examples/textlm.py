@@ -58,7 +58,27 @@ class TextDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=128)
 
 
-class TinyTransformerLM(pl.LightningModule):
+class ByteLM(pl.LightningModule):
+    """Next-byte cross-entropy on :class:`Windows`, with the optimizer its ``hparams`` name; subclasses build the
+    network (``forward``: tokens -> logits over 256 bytes)."""
+
+    def _loss(self, batch) -> torch.Tensor:
+        tokens, targets = batch
+        return torch.nn.functional.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
+
+    def training_step(self, batch, batch_idx):
+        loss = self._loss(batch)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return make_optimizer(self.parameters(), self.hparams.optimizer, self.hparams.lr, self.hparams.momentum)
+
+
+class TinyTransformerLM(ByteLM):
     """A causal byte-level transformer: token and learned position embeddings, ``layers`` post-norm encoder layers
     (``norm_first=False``, the original transformer's layout, the harder one to train without warmup) with a causal
     mask, and a linear read-out. SGD with momentum at a constant rate, no warmup."""
@@ -93,21 +113,6 @@ class TinyTransformerLM(pl.LightningModule):
         x = self.blocks(x, mask=self.causal[:length, :length], is_causal=True)
         return self.head(x)
 
-    def _loss(self, batch) -> torch.Tensor:
-        tokens, targets = batch
-        return torch.nn.functional.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
-
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self._loss(batch))
-
-    def configure_optimizers(self):
-        return make_optimizer(self.parameters(), self.hparams.optimizer, self.hparams.lr, self.hparams.momentum)
-
 
 def make_optimizer(params, name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
     """``sgd`` (with momentum) or ``adamw`` (torch's defaults otherwise), at a constant rate with no warmup."""
@@ -118,7 +123,7 @@ def make_optimizer(params, name: str, lr: float, momentum: float = 0.9) -> torch
     raise ValueError(f"optimizer={name!r} is not one of 'sgd', 'adamw'")
 
 
-class GRULM(pl.LightningModule):
+class GRULM(ByteLM):
     """A byte-level GRU language model (a gated RNN, the LSTM's lighter sibling): embedding, ``layers`` GRU layers of
     ``hidden`` units, a linear read-out; the same text and windows as :class:`TinyTransformerLM`. Gates keep its
     gradients better behaved than a tanh RNN's, so it explodes only at a high rate (SGD with momentum here)."""
@@ -141,18 +146,3 @@ class GRULM(pl.LightningModule):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.rnn(self.embed(tokens))[0])
-
-    def _loss(self, batch) -> torch.Tensor:
-        tokens, targets = batch
-        return torch.nn.functional.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())
-
-    def training_step(self, batch, batch_idx):
-        loss = self._loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        self.log("val/loss", self._loss(batch))
-
-    def configure_optimizers(self):
-        return make_optimizer(self.parameters(), self.hparams.optimizer, self.hparams.lr, self.hparams.momentum)
