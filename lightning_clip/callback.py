@@ -59,10 +59,8 @@ class _Fit:
 class GradientClipping(Callback):
     """Clip the gradients of the optimizer about to step, and record what was done.
 
-    ``GradientClipping("agc", clip_factor=0.02)`` or ``GradientClipping(AGC(clip_factor=0.02))``: a method's name
-    with its parameters as keyword arguments (each method's class in ``lightning_clip.methods`` documents them; a
-    parameter the method does not take is an error that lists the ones it does), or a method object. With no
-    argument, ``GradientClipping()`` is AGC with its defaults: the study's method that needs no tuning (README).
+    ``GradientClipping("agc", clip_factor=0.02)``, or ``GradientClipping(AGC(clip_factor=0.02))``: each method's
+    class in ``lightning_clip.methods`` documents its parameters. ``GradientClipping()`` is AGC with its defaults.
 
     Args:
         nonfinite: on NaN/Inf gradients, ``skip`` the optimizer step (parameters and optimizer state unchanged),
