@@ -123,26 +123,17 @@ class ScheduledThreshold(ThresholdPolicy):
         self.step = int(state["step"])
 
 
-class DelayedThreshold(ThresholdPolicy):
+class DelayedThreshold(ScheduledThreshold):
     """No clipping (an infinite threshold) on the first ``delay - 1`` steps, then ``value``: clipping starts at step
     ``delay`` (1-based), as SPAM's reference code starts at ``current_step >= grad_accu_steps``. Counted on the host
-    from steps taken, as :class:`ScheduledThreshold`."""
+    from steps taken, as :class:`ScheduledThreshold` counts (and saves) them."""
 
     def __init__(self, value: float, delay: int) -> None:
-        self.value, self.delay = float(value), delay
-        self.step = 0
+        super().__init__(value)
+        self.delay = delay
 
     def threshold(self, layout: Layout, measured: Measured | None) -> float:
         return self.value if self.step + 1 >= self.delay else math.inf
-
-    def observe(self, layout, measured, applied, finite) -> None:
-        self.step += 1
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
 
 
 class AutoClipThreshold(ThresholdPolicy):
