@@ -275,10 +275,11 @@ class Clipper:
         finite = torch.isfinite(measured.overall) if watch and measured is not None else None
         if finite is not None:
             self._count(finite, measured.overall)
+        l2 = self._l2_norms(layout, grads, measured) if self.track_max or record else None  # once per step
         if self.track_max:
-            self._track_max(layout, self._l2_norms(layout, grads, measured))
+            self._track_max(layout, l2)
         if self.fused:
-            return self._folded_step(layout, grads, measured, record, histogram)
+            return self._folded_step(layout, grads, measured, l2 if record else None, histogram)
         if self.reads_host:
             proceed, levels = finite, None
             if self.spikes is not None:
@@ -291,7 +292,7 @@ class Clipper:
                 return self._spike_step(layout, grads, measured, levels, record)
             self.consecutive_skips = 0
 
-        grad_norms = self._l2_norms(layout, grads, measured) if record else None
+        grad_norms = l2 if record else None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
         threshold = self.policy.threshold(layout, measured)
         reported = self.policy.reported(threshold) if record else threshold
@@ -310,7 +311,7 @@ class Clipper:
         return self._record(layout, grad_norms, clipped_norms, reported, before)
 
     def _folded_step(
-        self, layout: Layout, grads: list[Tensor], measured: Measured, record: bool, histogram: bool
+        self, layout: Layout, grads: list[Tensor], measured: Measured, grad_norms: Tensor | None, histogram: bool
     ) -> StepRecord | None:
         """The fused-optimizer path: the clip coefficient becomes the optimizer's ``grad_scale`` (its kernel divides
         the gradients by it as it reads them) and the skip decision its ``found_inf`` (the kernel then leaves
@@ -326,7 +327,7 @@ class Clipper:
         self._consecutive = torch.where(skip, self._consecutive.to(skip.device) + 1, 0)
         flags = ~torch.isfinite(measured.norms)
         self._flags = flags if self._flags is None or self._flags.shape != flags.shape else self._flags | flags
-        grad_norms = self._l2_norms(layout, grads, measured) if record else None
+        record = grad_norms is not None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
         threshold = self.policy.threshold(layout, measured)
         reported = self.policy.reported(threshold) if record else threshold

@@ -39,6 +39,20 @@ class DigitsDataModule(pl.LightningDataModule):
         return DataLoader(self.val_set, batch_size=256)
 
 
+def relu_stack(layer, depth: int, features: int, width: int, gain: float) -> torch.nn.Sequential:
+    """``depth`` layers (``layer(in, out)``) each followed by a ReLU, no normalisation; weights at ``gain`` times He
+    initialisation, biases zero, so activations and gradients grow with depth (by about ``gain ** depth``)."""
+    layers = []
+    for _ in range(depth):
+        module = layer(features, width)
+        torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        module.weight.data *= gain
+        torch.nn.init.zeros_(module.bias)
+        layers += [module, torch.nn.ReLU()]
+        features = width
+    return torch.nn.Sequential(*layers)
+
+
 class DigitsClassifier(pl.LightningModule):
     """Cross-entropy training and validation accuracy on the digits; subclasses build the network."""
 
@@ -75,15 +89,7 @@ class DeepMLP(DigitsClassifier):
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
-        layers, features = [], 64
-        for _ in range(depth):
-            linear = torch.nn.Linear(features, width)
-            torch.nn.init.kaiming_normal_(linear.weight, nonlinearity="relu")
-            linear.weight.data *= init_gain
-            torch.nn.init.zeros_(linear.bias)
-            layers += [linear, torch.nn.ReLU()]
-            features = width
-        self.body = torch.nn.Sequential(*layers)
+        self.body = relu_stack(torch.nn.Linear, depth, 64, width, init_gain)
         self.head = torch.nn.Linear(width, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,15 +113,7 @@ class DeepCNN(DigitsClassifier):
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(seed)
-        layers, features = [], 1
-        for _ in range(depth):
-            conv = torch.nn.Conv2d(features, channels, 3, padding=1)
-            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            conv.weight.data *= init_gain
-            torch.nn.init.zeros_(conv.bias)
-            layers += [conv, torch.nn.ReLU()]
-            features = channels
-        self.body = torch.nn.Sequential(*layers)
+        self.body = relu_stack(lambda i, o: torch.nn.Conv2d(i, o, 3, padding=1), depth, 1, channels, init_gain)
         self.head = torch.nn.Linear(channels, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
