@@ -106,6 +106,8 @@ def main(cfg: DictConfig) -> float:
     except NonFiniteGradientError as error:  # a diverged run is an outcome to report, not a crash
         diverged = str(error)
     loss = math.nan if diverged else float(trainer.callback_metrics.get("train/loss", torch.tensor(math.nan)))
+    if torch.distributed.is_initialized():  # else gloo's threads may abort the process at exit
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return loss
 

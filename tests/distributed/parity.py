@@ -226,6 +226,9 @@ def main():
             results[method] = fit(strategy_name, precision, method, params, nan=mode == "nan")
     if torch.distributed.get_rank() == 0:
         torch.save(results, out)
+    # Without this, gloo's threads may still be joinable at interpreter exit and abort the process.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
