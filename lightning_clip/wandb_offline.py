@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,6 +59,7 @@ class Run:
     summary: dict = field(default_factory=dict)
     group: str = ""
     name: str = ""
+    finished: bool = False  # the run's exit record is in the file
 
 
 def run_files(directory: Path) -> list[Path]:
@@ -74,7 +76,19 @@ def read_run(wandb_dir: Path) -> Run:
     return read_run_file(files[0])
 
 
-def read_run_file(path: Path) -> Run:
+def read_run_file(path: Path, wait_s: float = 60.0) -> Run:
+    """The run in ``path``. W&B's service may still be writing the file after ``finish()`` returns (seen on a loaded
+    machine: the history of a finished run read back empty), so this re-reads it until its exit record is there, for
+    at most ``wait_s`` seconds; a run that is still going (or was killed) is returned as far as it got."""
+    deadline = time.monotonic() + wait_s
+    run = _parse(path)
+    while not run.finished and time.monotonic() < deadline:
+        time.sleep(0.2)
+        run = _parse(path)
+    return run
+
+
+def _parse(path: Path) -> Run:
     run = Run()
     for record in records(path):
         kind = record.WhichOneof("record_type")
@@ -97,6 +111,8 @@ def read_run_file(path: Path) -> Run:
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "exit":
+            run.finished = True
     return run
 
 
