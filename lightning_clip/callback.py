@@ -114,6 +114,8 @@ class GradientClipping(Callback):
         lambda_abs: float | None = None,
         theta: float | None = None,
         warmup_clip_factor: float | None = None,
+        clipped_history: bool | None = None,
+        clipped_warmup: bool | None = None,
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
         max_consecutive_skips: int = 20,
         skip_spikes: float | None = None,

@@ -284,9 +284,18 @@ class AutoClip(Method):
     )
     warmup_steps: int = parameter(25, _count, "finite steps on which `warmup_clip_factor` also caps the norm", int)
     warmup_clip_factor: float = _warmup_clip_factor()
+    clipped_history: bool = parameter(
+        True,
+        _flag,
+        "the history holds each step's norm after clipping, so exploding raw norms never set the threshold (False: "
+        "the raw norms, as the paper)",
+        bool,
+    )
 
     def build(self):
-        policy = AutoClipThreshold(self.percentile, self.window, self.warmup_steps, self.warmup_clip_factor)
+        policy = AutoClipThreshold(
+            self.percentile, self.window, self.warmup_steps, self.warmup_clip_factor, self.clipped_history
+        )
         return policy, GlobalNormClip(2.0)
 
 
@@ -340,6 +349,13 @@ class ZClip(Method):
     )
     std_eps: float = parameter(1e-6, _positive, "added to the standard deviation in the z-score (> 0)")
     warmup_clip_factor: float = _warmup_clip_factor()
+    clipped_warmup: bool = parameter(
+        True,
+        _flag,
+        "the warmup collects each norm after its clip, so exploding raw norms never start the EMA (False: the raw "
+        "norms, as the reference code)",
+        bool,
+    )
 
     def build(self):
         policy = ZClipThreshold(
@@ -353,6 +369,7 @@ class ZClip(Method):
             skip_update_on_spike=self.freeze_on_spike,
             eps=self.std_eps,
             warmup_clip_factor=self.warmup_clip_factor,
+            clipped_warmup=self.clipped_warmup,
         )
         return policy, GlobalNormClip(2.0)
 

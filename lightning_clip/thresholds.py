@@ -144,16 +144,30 @@ class AutoClipThreshold(ThresholdPolicy):
 
     The paper's history starts empty, so the first steps are clipped at the scale of whatever they measure, an
     exploding one included. With ``warmup_clip_factor`` set, the first ``warmup_steps`` finite steps are also capped
-    by :func:`parameter_guard` (``None``: the paper's behaviour)."""
+    by :func:`parameter_guard` (0: the paper's behaviour).
+
+    The paper records the raw norms. Where they explode from the first step (a tanh RNN at a high learning rate),
+    the percentile of raw norms is itself an exploding scale, and training diverges as soon as the warmup ends. With
+    ``clipped_history`` (the default) the history records each step's norm after clipping, the norm the optimizer
+    used, as ZClip's and AdaGC's papers feed their statistics. The threshold then never rises while every step is
+    clipped, and falls with the norms: it follows them down, not up. ``clipped_history=False`` is the paper's
+    behaviour."""
 
     def __init__(
-        self, percentile: float = 10.0, window: int = 1000, warmup_steps: int = 25, warmup_clip_factor: float = 0.0
+        self,
+        percentile: float = 10.0,
+        window: int = 1000,
+        warmup_steps: int = 25,
+        warmup_clip_factor: float = 0.0,
+        clipped_history: bool = False,
     ) -> None:
         self.percentile, self.window = percentile, window
         self.warmup_steps, self.warmup_clip_factor = warmup_steps, warmup_clip_factor
+        self.clipped_history = clipped_history
         self.steps = 0  # steps taken, on the host
         self.history = torch.full((window,), math.nan)
         self.count = torch.zeros((), dtype=torch.long)
+        self._threshold: Tensor | None = None  # this step's, for observe()
 
     def _with_current(self, total: Tensor) -> Tensor:
         history = self.history.to(total.device, total.dtype)
@@ -165,15 +179,20 @@ class AutoClipThreshold(ThresholdPolicy):
         candidate = self._with_current(measured.total)
         threshold = torch.nanquantile(candidate, self.percentile / 100.0)
         self.steps += 1
-        if not self.warmup_clip_factor or not warming_up(self.steps - 1, self.warmup_steps):
-            return threshold
-        guard = parameter_guard(layout, threshold, self.warmup_clip_factor)
-        warming = self.count.to(threshold.device) < self.warmup_steps
-        return torch.where(warming, torch.minimum(threshold, guard), threshold)
+        if self.warmup_clip_factor and warming_up(self.steps - 1, self.warmup_steps):
+            guard = parameter_guard(layout, threshold, self.warmup_clip_factor)
+            warming = self.count.to(threshold.device) < self.warmup_steps
+            threshold = torch.where(warming, torch.minimum(threshold, guard), threshold)
+        self._threshold = threshold
+        return threshold
 
     def observe(self, layout, measured, applied, finite) -> None:
         usable = _usable(measured, finite)
-        candidate = self._with_current(measured.total)
+        norm = measured.total
+        if self.clipped_history and self._threshold is not None:
+            norm = torch.minimum(norm, self._threshold.to(norm))
+        self._threshold = None
+        candidate = self._with_current(norm)
         self.history = torch.where(usable, candidate, self.history.to(candidate))
         self.count = self.count.to(usable.device) + usable.long()
 
@@ -201,7 +220,12 @@ class ZClipThreshold(ThresholdPolicy):
 
     The reference leaves the warmup unclipped unless ``max_norm`` is set, an absolute threshold to tune. With
     ``warmup_clip_factor`` set (the default of the ``zclip`` method), warmup steps are clipped by
-    :func:`parameter_guard` instead, which follows the model's scale; ``None`` gives the reference's behaviour.
+    :func:`parameter_guard` instead, which follows the model's scale; 0 gives the reference's behaviour.
+
+    The reference starts the EMA from the raw warmup norms. Where those explode (a tanh RNN at a high learning rate),
+    the EMA starts at an exploding scale and training diverges as soon as the warmup ends, guard or not. With
+    ``clipped_warmup`` (the default of the ``zclip`` method) the warmup collects each norm after clipping, the norm
+    the optimizer used: the rule the reference already applies after warmup, where a spike enters the EMA clipped.
 
     ``clip/threshold`` records ``mean + z_thresh * std``, the norm above which a step counts as a spike.
     """
@@ -218,9 +242,10 @@ class ZClipThreshold(ThresholdPolicy):
         skip_update_on_spike: bool = False,
         eps: float = 1e-6,
         warmup_clip_factor: float = 0.0,
+        clipped_warmup: bool = False,
     ) -> None:
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
-        self.warmup_clip_factor = warmup_clip_factor
+        self.warmup_clip_factor, self.clipped_warmup = warmup_clip_factor, clipped_warmup
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
         self.max_norm, self.skip_update_on_spike, self.eps = max_norm, skip_update_on_spike, eps
         self.steps = 0  # steps taken, on the host
@@ -229,6 +254,7 @@ class ZClipThreshold(ThresholdPolicy):
         self.mean = torch.zeros(())
         self.var = torch.zeros(())
         self._spike: tuple[Tensor, Tensor] | None = None
+        self._threshold: Tensor | None = None  # this step's, for observe()
 
     def _state_on(self, like: Tensor) -> None:
         self.warmup, self.mean, self.var = (t.to(like.device, like.dtype) for t in (self.warmup, self.mean, self.var))
@@ -263,6 +289,7 @@ class ZClipThreshold(ThresholdPolicy):
             threshold = torch.where(initialized, threshold, guard)
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
+        self._threshold = threshold
         return threshold
 
     def reported(self, threshold: Threshold) -> Tensor:
@@ -276,7 +303,10 @@ class ZClipThreshold(ThresholdPolicy):
         # warmup: collect the raw norm; when the buffer is full, start the EMA from its mean and variance
         collect = usable & ~initialized
         slot = self.count.clamp(max=self.warmup_steps - 1).reshape(1)
-        self.warmup = torch.where(collect, self.warmup.index_put((slot,), norm.reshape(1)), self.warmup)
+        collected = norm
+        if self.clipped_warmup and self._threshold is not None:
+            collected = torch.minimum(norm, self._threshold.to(norm))
+        self.warmup = torch.where(collect, self.warmup.index_put((slot,), collected.reshape(1)), self.warmup)
         count = self.count + collect.long()
         starts = collect & (count == self.warmup_steps)
         mean = torch.where(starts, self.warmup.mean(), self.mean)
@@ -291,7 +321,7 @@ class ZClipThreshold(ThresholdPolicy):
         self.mean = torch.where(update, updated_mean, mean)
         self.var = torch.where(update, updated_var, var)
         self.count = count
-        self._spike = None
+        self._spike = self._threshold = None
 
     def state_dict(self) -> dict[str, Any]:
         tensors = {"warmup": self.warmup, "count": self.count, "mean": self.mean, "var": self.var}

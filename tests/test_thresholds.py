@@ -16,9 +16,11 @@ WITH_NONFINITE = NORMS[:6] + [math.nan] + NORMS[6:12] + [math.inf] + NORMS[12:]
 
 def run_global(method, norms, **params):
     """Feed each norm as the gradient norm of one parameter; return the norms after clipping. The papers' methods
-    have no parameter-scale warmup: it is off (``warmup_clip_factor=0``) unless ``params`` set it."""
-    if method in ("autoclip", "zclip"):
-        params = {"warmup_clip_factor": 0.0, **params}
+    have no parameter-scale warmup and keep statistics of raw norms: both are off unless ``params`` set them."""
+    if method == "autoclip":
+        params = {"warmup_clip_factor": 0.0, "clipped_history": False, **params}
+    if method == "zclip":
+        params = {"warmup_clip_factor": 0.0, "clipped_warmup": False, **params}
     p = torch.nn.Parameter(torch.zeros(4))
     clipper = Clipper(methods.from_arguments(method, params), [("w", p)], nonfinite="ignore")
     policy = clipper.policy
@@ -34,14 +36,15 @@ def clip_to(norm, threshold):
     return norm * min(1.0, threshold / (norm + 1e-6))
 
 
-def autoclip_reference(norms, percentile, window):
+def autoclip_reference(norms, percentile, window, clipped_history=False):
     history, out = [], []
     for n in norms:
         if not math.isfinite(n):
             out.append(n)
             continue
-        history = (history + [n])[-window:]
-        out.append(clip_to(n, float(np.percentile(np.array(history, dtype=np.float64), percentile))))
+        threshold = float(np.percentile(np.array((history + [n])[-window:], dtype=np.float64), percentile))
+        out.append(clip_to(n, threshold))
+        history = (history + [min(n, threshold) if clipped_history else n])[-window:]
     return out
 
 
@@ -55,6 +58,17 @@ def test_autoclip_matches_numpy_percentile_of_history(percentile, window):
     assert int(policy.count) == len(finite)
 
 
+@pytest.mark.parametrize(("percentile", "window"), [(10.0, 1000), (50.0, 5), (90.0, 4)])
+def test_autoclip_clipped_history_matches_a_history_of_clipped_norms(percentile, window):
+    """The default: the history holds the norm each step kept after clipping, so a spike never raises it."""
+    ours, policy = run_global("autoclip", WITH_NONFINITE, percentile=percentile, window=window, clipped_history=True)
+    expected = autoclip_reference(WITH_NONFINITE, percentile, window, clipped_history=True)
+    finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
+    np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
+    kept = policy.history[~torch.isnan(policy.history)]
+    assert float(kept.max()) <= max(ours[i] for i in finite) * (1 + 1e-5)  # nothing above what was applied
+
+
 def zclip_reference(
     norms,
     alpha=0.97,
@@ -66,15 +80,17 @@ def zclip_reference(
     max_norm=None,
     skip_update_on_spike=False,
     eps=1e-6,
+    clipped_warmup=False,
 ):
-    """ZClip as the paper's reference code computes it, in float64, non-finite norms left out of all state."""
+    """ZClip as the paper's reference code computes it, in float64, non-finite norms left out of all state; with
+    ``clipped_warmup`` the warmup collects the norms after the ``max_norm`` clip."""
     buffer, mean, var, out = [], None, None, []
     for n in norms:
         if not math.isfinite(n):
             out.append(n)
             continue
         if mean is None:
-            buffer.append(n)
+            buffer.append(min(n, max_norm) if clipped_warmup and max_norm is not None else n)
             if len(buffer) >= warmup_steps:
                 mean = sum(buffer) / len(buffer)
                 var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
@@ -126,6 +142,23 @@ def test_zclip_matches_reference_code_in_float64(params):
     clipped = sum(o < n * (1 - 1e-4) for o, n in zip(ours, WITH_NONFINITE) if math.isfinite(n))
     if params.get("warmup_steps") == 4 and "max_norm" not in params:
         assert clipped >= 2  # the spikes at 30 and 60 are clipped
+
+
+@pytest.mark.parametrize("params", [{"warmup_steps": 4, "max_norm": 1.1}, {"warmup_steps": 8, "max_norm": 1.0}])
+def test_zclip_clipped_warmup_starts_the_ema_from_the_clipped_norms(params):
+    """The default: the warmup collects what its clip left (here the reference's ``max_norm`` clip stands in for the
+    parameter-scale guard), so a spike inside the warmup does not start the EMA at its scale."""
+    renamed = methods.ZClip.renamed
+    ours, policy = run_global(
+        "zclip", WITH_NONFINITE, clipped_warmup=True, **{renamed.get(k, k): v for k, v in params.items()}
+    )
+    expected, mean, var = zclip_reference(WITH_NONFINITE, clipped_warmup=True, **params)
+    finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
+    np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
+    assert float(policy.mean) == pytest.approx(mean, rel=1e-5)
+    assert float(policy.var) == pytest.approx(var, rel=1e-4)
+    raw_mean = zclip_reference(WITH_NONFINITE, **params)[1]
+    assert mean < raw_mean  # the spikes of the warmup (8.0 at step 5) did not enter it raw
 
 
 @pytest.mark.parametrize(
@@ -250,12 +283,16 @@ def test_zero_parameters_still_learn_under_the_warmup_guard(method):
     assert float(p.grad.norm()) == pytest.approx(0.01 * 1e-3, rel=1e-4)
 
 
-def test_warmup_guard_ends_with_the_warmup():
+@pytest.mark.parametrize(("clipped_warmup", "after_warmup"), [(False, 1.0), (True, 0.02)])
+def test_warmup_guard_ends_with_the_warmup(clipped_warmup, after_warmup):
+    """The guard applies to the warmup only. With the raw warmup norms (the reference's) the EMA starts at 1.0 and
+    norms of 1.0 pass; with the clipped ones (the default) it starts where the guard held the steps, 0.02, so the
+    same norms are spikes and stay at that scale: the price of never starting from an exploding scale."""
     p = torch.nn.Parameter(torch.ones(4))  # parameter norm 2: the guard is 0.02
-    clipper = Clipper(methods.ZClip(warmup_steps=3), [("w", p)], nonfinite="ignore")
+    clipper = Clipper(methods.ZClip(warmup_steps=3, clipped_warmup=clipped_warmup), [("w", p)], nonfinite="ignore")
     after = []
     for _ in range(5):
-        p.grad = torch.full((4,), 0.5)  # norm 1.0 every step: no spike once the EMA starts
+        p.grad = torch.full((4,), 0.5)  # norm 1.0 every step
         clipper.step()
         after.append(round(float(p.grad.norm()), 6))
-    assert after == [0.02, 0.02, 0.02, 1.0, 1.0]
+    assert after == [0.02, 0.02, 0.02, after_warmup, after_warmup]

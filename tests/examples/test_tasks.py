@@ -95,6 +95,18 @@ def test_adaptive_methods_with_their_defaults_keep_an_exploding_task_finite_and_
     assert math.isfinite(final) and final < first / 2
 
 
+@pytest.mark.parametrize(
+    ("method", "paper"), [("autoclip", {"clipped_history": False}), ("zclip", {"clipped_warmup": False})]
+)
+def test_statistics_of_clipped_norms_keep_the_rnn_finite_where_the_papers_statistics_diverge(method, paper):
+    """The tanh RNN's raw norms are in the hundreds from the first step: statistics of raw norms (the papers') set
+    an exploding threshold once the warmup ends; statistics of the norms after clipping (the defaults) do not."""
+    final, first, _ = train("adding", method)
+    assert math.isfinite(final) and final < 3 * first
+    final, first, _ = train("adding", method, **paper)
+    assert not math.isfinite(final) or final > 3 * first
+
+
 def test_text_ships_with_python_and_the_problems_have_their_targets():
     """The language model's text is Python's own documentation (no download); the multiplication problem's target
     is the product of the two marked values (the adding problem's the sum)."""
