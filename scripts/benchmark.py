@@ -180,7 +180,7 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
     ]
     fixed_norm = clipper("norm", params, "ignore")
     adaptive = [
-        ("autoclip", "autoclip", {}),
+        ("autoclip", "autoclip", {"warmup_steps": 1}),
         ("zclip", "zclip", {"warmup_steps": 1}),
         ("adagc", "adagc", {"warmup_steps": 1}),
         ("tensor_norm (AdaGC's operator, fixed)", "tensor_norm", {}),
