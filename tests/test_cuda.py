@@ -85,3 +85,26 @@ def test_no_host_sync_with_ignore_on_cuda(method, kwargs):
             clipper.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("tensor_norm", {"max_norm": 1.0}), ("agc", {}), ("adagc", {})])
+def test_per_tensor_scaling_on_cuda_matches_cpu(method, kwargs):
+    """Per-tensor factors on CUDA give CPU's gradients, and a tensor under its own limit is left bit for bit as it
+    was (AdaGC's first step is a global clip, which scales every tensor)."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (16, 8, 3, 3), (8,)]
+    grads = [torch.randn(s, generator=gen) * (10.0 if i % 2 == 0 else 1e-3) for i, s in enumerate(shapes)]
+    out = {}
+    for device in ("cpu", "cuda"):
+        params = [torch.nn.Parameter(torch.ones(s, device=device)) for s in shapes]
+        clipper = Clipper(methods.from_arguments(method, kwargs), zip("abcd", params), nonfinite="ignore")
+        for step in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.to(device) * (step + 1)
+            clipper.step()
+        out[device] = [p.grad.cpu() for p in params]
+    for a, b in zip(out["cpu"], out["cuda"]):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    if method != "adagc":
+        assert torch.equal(out["cuda"][3], grads[3] * 3)  # 1e-3 scale: never clipped
+    assert not torch.equal(out["cuda"][0], grads[0] * 3)  # 10x scale: clipped
