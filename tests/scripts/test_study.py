@@ -25,3 +25,22 @@ def test_two_cell_grid_writes_results(tmp_path):
     assert "| digits | 1 | none | defaults | 1 | 1 | - |" in table  # no finite loss where every seed diverged
     assert "| digits | 1 | norm | max_norm=1.0 | 1 | 0 |" in table
     assert (sweep / "results.png").stat().st_size > 0
+
+
+def test_every_study_task_builds_the_optimizer_it_names():
+    """Each task config composes through Hydra and its model trains with the optimizer the config names (the study
+    reports SGD and AdamW tasks apart, and SPAM runs only on the Adam family)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    conf = SCRIPT.parents[1] / "conf"
+    names = sorted(p.stem for p in (conf / "task").glob("*.yaml"))
+    assert {"cnn_adamw", "textlm_adamw", "gru", "cnn"} <= set(names)
+    expected = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        for name in names:
+            cfg = compose("study", overrides=[f"task={name}"])
+            optimizer = instantiate(cfg.task.model).configure_optimizers()
+            assert type(optimizer) is expected[cfg.task.optimizer], name
+            assert cfg.task.name == name
