@@ -168,7 +168,7 @@ def aggregate(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["time/step vs norm"] = row["time/step vs norm"] / norm_time if norm_time > 0 else math.nan
             trains = row["divergence rate"] == 0
             row["loss / best fixed"] = row["final loss"] / best_fixed if trains and best_fixed > 0 else math.nan
-            if row["threshold"] is not None and row["final loss"] == best_fixed:
+            if row["method"] in FIXED and trains and row["final loss"] == best_fixed:  # tensor_norm has no threshold
                 row["best fixed"] = "yes"
     return sorted(rows, key=lambda r: (r["task"], r["lr x"], r["method"], r["threshold"] or 0, r["setting"]))
 

@@ -44,3 +44,35 @@ def test_every_study_task_builds_the_optimizer_it_names():
             optimizer = instantiate(cfg.task.model).configure_optimizers()
             assert type(optimizer) is expected[cfg.task.optimizer], name
             assert cfg.task.name == name
+
+
+def test_the_best_fixed_configuration_is_marked_whatever_its_method():
+    """``tensor_norm`` at its default has no threshold value in its cell, and can still be the best fixed one."""
+    from lightning_clip.study import aggregate, summary
+
+    def result(cell, threshold, loss, diverged=False):
+        return {
+            "task": "t",
+            "cell": cell,
+            "seed": 0,
+            "lr_scale": 1.0,
+            "threshold": threshold,
+            "diverged": diverged,
+            "final_loss": loss,
+            "accuracy": float("nan"),
+            "loss_spikes": 0,
+            "seconds_per_step": 1.0,
+        }
+
+    rows = aggregate(
+        [
+            result({"method": "norm", "max_norm": 1.0}, 1.0, 0.5),
+            result({"method": "tensor_norm"}, None, 0.2),
+            result({"method": "value", "clip_value": 0.01}, 0.01, 0.1, diverged=True),
+            result({"method": "agc"}, None, 0.3),
+        ]
+    )
+    best = [(r["method"], r["setting"]) for r in rows if r.get("best fixed")]
+    assert best == [("tensor_norm", "defaults")]
+    assert {r["method"]: r["loss / best fixed"] for r in rows}["agc"] == 0.3 / 0.2
+    assert "| t | tensor_norm defaults (0.2) | 1.50 |" in summary(rows)
