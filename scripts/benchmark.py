@@ -13,7 +13,8 @@ baseline on the same gradients, alternating which goes first, and reports median
 not seconds: these machines are shared, so absolute times move while ratios measured side by side hold.
 
 Models: ~200 tensors (100 x Linear(500, 500)) and ~2000 tensors (1000 x Linear(158, 158)), both ~25M fp32 params,
-and 2000 tiny tensors (1000 x Linear(8, 8)), where the time per call is host time.
+and 2000 tiny tensors (1000 x Linear(8, 8)), where the time per call is host time; with ``--device cuda`` also GPT-2
+124M and a Llama-shaped 1.1B model (their real tensor shapes).
 """
 
 from __future__ import annotations
@@ -28,25 +29,48 @@ import torch
 from lightning_clip import Clipper, methods
 from lightning_clip.stats import LayerGrouping, LayerStats
 
-#: The last model's tensors are tiny (8x8): its time per call is launch- and Python-bound, a proxy for the host time
+
+def linear_stack(layers: int, width: int) -> list[tuple[int, ...]]:
+    """The shapes of ``layers`` x Linear(width, width): a weight and a bias each."""
+    return [(width, width), (width,)] * layers
+
+
+def gpt2_124m() -> list[tuple[int, ...]]:
+    """GPT-2 small's 148 tensors: token and position embeddings, 12 blocks of LayerNorm, qkv, projection and MLP
+    (with biases), the final LayerNorm."""
+    block = [(768,), (768,), (2304, 768), (2304,), (768, 768), (768,), (768,), (768,), (3072, 768), (3072,)]
+    return [(50257, 768), (1024, 768)] + (block + [(768, 3072), (768,)]) * 12 + [(768,), (768,)]
+
+
+def llama_1b() -> list[tuple[int, ...]]:
+    """A Llama-shaped 1.1B model's 147 tensors: vocabulary 32000, width 2048, 16 blocks of q/o 2048x2048, k/v
+    512x2048 (grouped-query attention), gate/up 8192x2048, down 2048x8192 and two RMSNorms, the final norm and an
+    untied read-out."""
+    block = [(2048,), (2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (2048,)]
+    return [(32000, 2048)] + (block + [(8192, 2048), (8192, 2048), (2048, 8192)]) * 16 + [(2048,), (32000, 2048)]
+
+
+#: The third model's tensors are tiny (8x8): its time per call is launch- and Python-bound, a proxy for the host time
 #: per call that a GPU hides behind its kernels (what the engine's own bookkeeping costs against torch's).
 MODELS = {
-    "200 tensors / 25M": (100, 500),
-    "2000 tensors / 25M": (1000, 158),
-    "2000 tiny tensors (host time)": (1000, 8),
+    "200 tensors / 25M": linear_stack(100, 500),
+    "2000 tensors / 25M": linear_stack(1000, 158),
+    "2000 tiny tensors (host time)": linear_stack(1000, 8),
 }
+#: Real layouts, on a GPU only (``--device cuda``): 0.5 GB and 4.4 GB of fp32 parameters.
+GPU_MODELS = {"GPT-2 124M (148 tensors)": gpt2_124m(), "Llama-shaped 1.1B (147 tensors)": llama_1b()}
 
 
 DEVICE = torch.device("cpu")
 
 
-def make_model(layers: int, width: int) -> list[torch.nn.Parameter]:
-    torch.manual_seed(0)
-    params = []
-    for _ in range(layers):
-        linear = torch.nn.Linear(width, width, device=DEVICE)
-        params += [linear.weight, linear.bias]
-    return params
+def make_model(shapes: list[tuple[int, ...]]) -> list[torch.nn.Parameter]:
+    generator = torch.Generator(device=DEVICE).manual_seed(0)
+    return [torch.nn.Parameter(0.02 * torch.randn(s, device=DEVICE, generator=generator)) for s in shapes]
+
+
+def models() -> dict[str, list[tuple[int, ...]]]:
+    return {**MODELS, **GPU_MODELS} if DEVICE.type == "cuda" else MODELS
 
 
 def sync() -> None:
@@ -410,8 +434,8 @@ def fused_table(repeats: int) -> None:
     The cost of clipping is time(clip + fused step) - time(fused step alone), each measured in the same run."""
     print("| layout | our clipping cost / clip_grad_norm_'s (fused AdamW, norm, nonfinite=skip) |")
     print("|---|---|")
-    for name, shape in MODELS.items():
-        print(f"| {name} | {fused_ratio(make_model(*shape), repeats):.2f} |")
+    for name, shapes in models().items():
+        print(f"| {name} | {fused_ratio(make_model(shapes), repeats):.2f} |")
 
 
 def fused_ratio(params, repeats: int) -> float:
@@ -455,7 +479,7 @@ def main() -> None:
     if args.fsdp2 or args.fsdp1:
         sharded_table("fsdp2" if args.fsdp2 else "fsdp1", args.repeats, args.threads)
         return
-    results = {name: rows(make_model(*shape), args.repeats) for name, shape in MODELS.items()}
+    results = {name: rows(make_model(shapes), args.repeats) for name, shapes in models().items()}
     names = list(results)
     print(
         f"torch {torch.__version__}, {args.threads} threads, {args.repeats} repeats, median ratio (lower is faster)\n"
