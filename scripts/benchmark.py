@@ -3,6 +3,7 @@
     python scripts/benchmark.py                 # both models, 2 threads, markdown table on stdout
     python scripts/benchmark.py --repeats 30 --threads 1
     python scripts/benchmark.py --training      # Lightning runs: per-layer statistics vs wandb.watch / grad_norm
+    python scripts/benchmark.py --clip-training --device cuda   # GPT training steps: no clipping, Lightning's, ours
     python scripts/benchmark.py --fsdp2         # 2 processes (gloo): sharded norm vs clip_grad_norm_ on DTensors
     python scripts/benchmark.py --fsdp1         # 2 processes (gloo): FSDP1 flat shards vs FSDP's own clip_grad_norm_
     python scripts/benchmark.py --fused         # clipping folded into a fused AdamW step vs clip_grad_norm_ + step
@@ -350,6 +351,109 @@ def training_table(steps: int, rounds: int) -> None:
         print(f"| {v} | {1 + overhead[v]:.2f} | {overhead[v] / max(overhead['lightning_clip'], 1e-3):.1f} |")
 
 
+class TinyGPT(torch.nn.Module):
+    """A pre-norm GPT (token and position embeddings, ``layers`` causal transformer blocks, a read-out): at the
+    defaults about 92M parameters, the scale at which the GPU comparison below runs."""
+
+    def __init__(self, vocab: int = 8192, width: int = 768, layers: int = 12, heads: int = 12, length: int = 256):
+        super().__init__()
+        self.embed, self.position = torch.nn.Embedding(vocab, width), torch.nn.Embedding(length, width)
+        block = torch.nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = torch.nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, tokens):
+        length = tokens.shape[1]
+        x = self.embed(tokens) + self.position(torch.arange(length, device=tokens.device))
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(length, device=tokens.device)
+        return self.head(self.blocks(x, mask=mask, is_causal=True))
+
+
+#: What the training comparison runs: no clipping, Lightning's own, ours with the same threshold, ours by default.
+CLIP_VARIANTS = ["none", "gradient_clip_val=1.0", "ours: norm max_norm=1.0", "ours: default (agc)"]
+
+
+def clipped_training_seconds_per_step(variant: str, steps: int, small: bool) -> float:
+    """Mean seconds per step (after 10 warm-up steps, synchronised) of a Lightning run of :class:`TinyGPT` with
+    AdamW, clipped one way; no logger, so only the clipping differs."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_clip import GradientClipping
+
+    vocab, length, batch = (512, 64, 4) if small else (8192, 256, 8)
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = TinyGPT(vocab, 128, 2, 4, length) if small else TinyGPT(vocab, length=length)
+
+        def training_step(self, batch, batch_idx):
+            tokens = batch[0]
+            logits = self.net(tokens[:, :-1])
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+    class StepTimer(pl.Callback):
+        def __init__(self):
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args):
+            sync()
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args):
+            sync()
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    callbacks: list[pl.Callback] = [timer]
+    if variant.startswith("ours: norm"):
+        callbacks.insert(0, GradientClipping("norm", max_norm=1.0, log_every_n_steps=50, progress_bar=False))
+    elif variant.startswith("ours: default"):
+        callbacks.insert(0, GradientClipping(log_every_n_steps=50, progress_bar=False))
+    generator = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randint(vocab, (batch * steps, length + 1), generator=generator)), batch)
+    trainer = pl.Trainer(
+        accelerator=DEVICE.type,
+        devices=1,
+        precision="bf16-mixed" if DEVICE.type == "cuda" else "32-true",
+        max_steps=steps,
+        gradient_clip_val=1.0 if variant.startswith("gradient_clip_val") else None,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(Module(), data)
+    return statistics.fmean(timer.times[10:])
+
+
+def clipped_training_table(steps: int, rounds: int) -> None:
+    """Whole training steps with each kind of clipping, alternating the order of the variants round by round; the
+    spread over rounds says how much a single comparison can be trusted on a shared machine."""
+    small = DEVICE.type != "cuda"
+    times: dict[str, list[float]] = {v: [] for v in CLIP_VARIANTS}
+    for r in range(rounds):
+        for variant in CLIP_VARIANTS if r % 2 == 0 else reversed(CLIP_VARIANTS):
+            times[variant].append(clipped_training_seconds_per_step(variant, steps, small))
+    base = statistics.median(times["none"])
+    model = "a 2-layer GPT (width 128)" if small else "a 92M GPT (12 layers, width 768, 256 tokens, batch 8, bf16)"
+    print(f"Lightning training of {model} with AdamW, {steps} steps x {rounds} rounds, on {DEVICE.type}:")
+    print()
+    print("| clipping | ms per step (median of rounds) | range over rounds | / no clipping |")
+    print("|---|---|---|---|")
+    for v in CLIP_VARIANTS:
+        ms, ratio = [t * 1e3 for t in times[v]], statistics.median(times[v]) / base
+        print(f"| {v} | {statistics.median(ms):.2f} | {min(ms):.2f} to {max(ms):.2f} | {ratio:.3f} |")
+
+
 def count_collectives(fn) -> int:
     """How many collectives one call of ``fn`` issues, from the profiler's gloo events (nested calls included,
     e.g. DTensor's own redistribution)."""
@@ -460,6 +564,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--training", action="store_true", help="time Lightning runs instead of clipping alone")
+    parser.add_argument(
+        "--clip-training", action="store_true", help="time Lightning training steps: no clipping, Lightning's, ours"
+    )
     parser.add_argument("--fsdp2", action="store_true", help="time clipping of FSDP2 (DTensor) gradients")
     parser.add_argument("--fsdp1", action="store_true", help="time clipping of FSDP1 (flat-shard) gradients")
     parser.add_argument("--fused", action="store_true", help="time clipping folded into a fused optimizer step")
@@ -475,6 +582,9 @@ def main() -> None:
         return
     if args.training:
         training_table(args.steps, args.rounds)
+        return
+    if args.clip_training:
+        clipped_training_table(args.steps, args.rounds)
         return
     if args.fsdp2 or args.fsdp1:
         sharded_table("fsdp2" if args.fsdp2 else "fsdp1", args.repeats, args.threads)
