@@ -25,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import lightning.pytorch as pl
 import torch
 
 from lightning_clip import Clipper, methods
@@ -257,6 +258,21 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
     return [(ours, base, time_pair(fn, baseline, params, repeats)) for ours, base, fn, baseline in cases]
 
 
+class StepTimer(pl.Callback):
+    """The seconds of each training batch, synchronised with the device at both ends (nothing to wait for on CPU)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, *args):
+        sync()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, *args):
+        sync()
+        self.times.append(time.perf_counter() - self.start)
+
+
 class Stack(torch.nn.Module):
     """200 Linear(350, 350) layers with tanh: the anchor model for the per-layer statistics comparison."""
 
@@ -272,7 +288,6 @@ class Stack(torch.nn.Module):
 
 def training_seconds_per_step(variant: str, steps: int, workdir: str) -> float:
     """Mean seconds per training step of a Lightning run of ``Stack`` with one way of watching gradients."""
-    import lightning.pytorch as pl
     from lightning.pytorch.loggers import WandbLogger
     from lightning.pytorch.utilities import grad_norm
     from torch.utils.data import DataLoader, TensorDataset
@@ -294,16 +309,6 @@ def training_seconds_per_step(variant: str, steps: int, workdir: str) -> float:
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=1e-3)
-
-    class StepTimer(pl.Callback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args):
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, *args):
-            self.times.append(time.perf_counter() - self.start)
 
     timer = StepTimer()
     callbacks: list[pl.Callback] = [timer]
@@ -386,7 +391,6 @@ CLIP_VARIANTS = [
 def clipped_training_seconds_per_step(variant: str, steps: int, small: bool) -> float:
     """Mean seconds per step (after 10 warm-up steps, synchronised) of a Lightning run of :class:`TinyGPT` with
     AdamW, clipped one way; no logger, so only the clipping differs."""
-    import lightning.pytorch as pl
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_clip import GradientClipping
@@ -406,18 +410,6 @@ def clipped_training_seconds_per_step(variant: str, steps: int, small: bool) -> 
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=3e-4)
-
-    class StepTimer(pl.Callback):
-        def __init__(self):
-            self.times: list[float] = []
-
-        def on_train_batch_start(self, *args):
-            sync()
-            self.start = time.perf_counter()
-
-        def on_train_batch_end(self, *args):
-            sync()
-            self.times.append(time.perf_counter() - self.start)
 
     class BareClipping(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
