@@ -4,6 +4,7 @@
     python scripts/benchmark.py --repeats 30 --threads 1
     python scripts/benchmark.py --training      # Lightning runs: per-layer statistics vs wandb.watch / grad_norm
     python scripts/benchmark.py --clip-training --device cuda   # GPT training steps: no clipping, Lightning's, ours
+    python scripts/benchmark.py --callback-share --steps 300    # the callback's glue against the engine it runs
     python scripts/benchmark.py --fsdp2         # 2 processes (gloo): sharded norm vs clip_grad_norm_ on DTensors
     python scripts/benchmark.py --fsdp1         # 2 processes (gloo): FSDP1 flat shards vs FSDP's own clip_grad_norm_
     python scripts/benchmark.py --fused         # clipping folded into a fused AdamW step vs clip_grad_norm_ + step
@@ -376,6 +377,32 @@ class TinyGPT(torch.nn.Module):
         return self.head(self.blocks(x, mask=mask, is_causal=True))
 
 
+class GPTModule(pl.LightningModule):
+    """:class:`TinyGPT` on random tokens with AdamW, the model of the training comparisons: 92M parameters, 256
+    tokens, batch 8; ``small``: 2 layers of width 128, 64 tokens, batch 4 (for CPU)."""
+
+    def __init__(self, small: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.vocab, self.length, self.batch = (512, 64, 4) if small else (8192, 256, 8)
+        self.net = TinyGPT(self.vocab, 128, 2, 4, self.length) if small else TinyGPT(self.vocab, length=self.length)
+
+    def training_step(self, batch, batch_idx):
+        tokens = batch[0]
+        logits = self.net(tokens[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab), tokens[:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=3e-4)
+
+    def loader(self, steps: int):
+        from torch.utils.data import DataLoader, TensorDataset
+
+        generator = torch.Generator().manual_seed(0)
+        tokens = torch.randint(self.vocab, (self.batch * steps, self.length + 1), generator=generator)
+        return DataLoader(TensorDataset(tokens), self.batch)
+
+
 #: What the training comparison runs: no clipping, Lightning's own, ours with the same threshold (with and without
 #: the NaN/Inf skip, whose one host read per step is the suspected cost), ours by default.
 CLIP_VARIANTS = [
@@ -391,25 +418,7 @@ CLIP_VARIANTS = [
 def clipped_training_seconds_per_step(variant: str, steps: int, small: bool) -> float:
     """Mean seconds per step (after 10 warm-up steps, synchronised) of a Lightning run of :class:`TinyGPT` with
     AdamW, clipped one way; no logger, so only the clipping differs."""
-    from torch.utils.data import DataLoader, TensorDataset
-
     from lightning_clip import GradientClipping
-
-    vocab, length, batch = (512, 64, 4) if small else (8192, 256, 8)
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.net = TinyGPT(vocab, 128, 2, 4, length) if small else TinyGPT(vocab, length=length)
-
-        def training_step(self, batch, batch_idx):
-            tokens = batch[0]
-            logits = self.net(tokens[:, :-1])
-            return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), tokens[:, 1:].reshape(-1))
-
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters(), lr=3e-4)
 
     class BareClipping(pl.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -427,8 +436,7 @@ def clipped_training_seconds_per_step(variant: str, steps: int, small: bool) -> 
         callbacks.insert(0, BareClipping())
     elif variant.startswith("ours: default"):
         callbacks.insert(0, GradientClipping(log_every_n_steps=50, progress_bar=False))
-    generator = torch.Generator().manual_seed(0)
-    data = DataLoader(TensorDataset(torch.randint(vocab, (batch * steps, length + 1), generator=generator)), batch)
+    module = GPTModule(small)
     trainer = pl.Trainer(
         accelerator=DEVICE.type,
         devices=1,
@@ -441,7 +449,7 @@ def clipped_training_seconds_per_step(variant: str, steps: int, small: bool) -> 
         enable_model_summary=False,
         enable_checkpointing=False,
     )
-    trainer.fit(Module(), data)
+    trainer.fit(module, module.loader(steps))
     return statistics.fmean(timer.times[10:])
 
 
@@ -462,6 +470,48 @@ def clipped_training_table(steps: int, rounds: int) -> None:
     for v in CLIP_VARIANTS:
         ms, ratio = [t * 1e3 for t in times[v]], statistics.median(times[v]) / base
         print(f"| {v} | {statistics.median(ms):.2f} | {min(ms):.2f} to {max(ms):.2f} | {ratio:.3f} |")
+
+
+def callback_share(steps: int) -> None:
+    """What the callback's glue adds to the engine's host time: the time inside its per-step hook
+    (``on_before_optimizer_step``) against the time inside ``Clipper.step`` there, over a Lightning run of the
+    small GPT on CPU. Timed inside the process, so the round-to-round spread of whole steps does not hide it."""
+    from lightning_clip import GradientClipping
+
+    spent = {"hook": 0.0, "engine": 0.0}
+
+    def timed(owner, name, key):
+        original = getattr(owner, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - start
+
+        setattr(owner, name, wrapper)
+        return original
+
+    hook = timed(GradientClipping, "on_before_optimizer_step", "hook")
+    engine = timed(Clipper, "step", "engine")
+    try:
+        module = GPTModule(small=True)
+        clipping = GradientClipping("norm", max_norm=1.0, log_every_n_steps=50, progress_bar=False)
+        pl.Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            callbacks=[clipping],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+        ).fit(module, module.loader(steps))
+    finally:
+        GradientClipping.on_before_optimizer_step, Clipper.step = hook, engine
+    glue = spent["hook"] - spent["engine"]
+    print(f"{steps} steps: the hook {spent['hook'] / steps * 1e3:.3f} ms per step, Clipper.step inside it")
+    print(f"{spent['engine'] / steps * 1e3:.3f} ms: the callback adds {glue / spent['engine']:.1%} to the engine")
 
 
 def count_collectives(fn) -> int:
@@ -577,6 +627,9 @@ def main() -> None:
     parser.add_argument(
         "--clip-training", action="store_true", help="time Lightning training steps: no clipping, Lightning's, ours"
     )
+    parser.add_argument(
+        "--callback-share", action="store_true", help="what the callback adds to the engine's host time (CPU)"
+    )
     parser.add_argument("--fsdp2", action="store_true", help="time clipping of FSDP2 (DTensor) gradients")
     parser.add_argument("--fsdp1", action="store_true", help="time clipping of FSDP1 (flat-shard) gradients")
     parser.add_argument("--fused", action="store_true", help="time clipping folded into a fused optimizer step")
@@ -595,6 +648,9 @@ def main() -> None:
         return
     if args.clip_training:
         clipped_training_table(args.steps, args.rounds)
+        return
+    if args.callback_share:
+        callback_share(args.steps)
         return
     if args.fsdp2 or args.fsdp1:
         sharded_table("fsdp2" if args.fsdp2 else "fsdp1", args.repeats, args.threads)
