@@ -117,6 +117,23 @@ def zclip_reference(
     return out, mean, var
 
 
+def zclip_against_reference(params, clipped_warmup=False):
+    """Our ZClip against :func:`zclip_reference` on the same norms (``params`` in the reference code's names): the
+    finite outputs and, once the EMA has started, its mean and variance agree. Returns our outputs and the
+    reference's mean (None while still in warmup)."""
+    renamed = methods.ZClip.renamed  # the reference code's names -> ours
+    ours, policy = run_global(
+        "zclip", WITH_NONFINITE, clipped_warmup=clipped_warmup, **{renamed.get(k, k): v for k, v in params.items()}
+    )
+    expected, mean, var = zclip_reference(WITH_NONFINITE, clipped_warmup=clipped_warmup, **params)
+    finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
+    np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
+    if mean is not None:
+        assert float(policy.mean) == pytest.approx(mean, rel=1e-5)
+        assert float(policy.var) == pytest.approx(var, rel=1e-4)
+    return ours, mean
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -131,14 +148,7 @@ def zclip_reference(
     ],
 )
 def test_zclip_matches_reference_code_in_float64(params):
-    renamed = methods.ZClip.renamed  # the reference code's names -> ours
-    ours, policy = run_global("zclip", WITH_NONFINITE, **{renamed.get(k, k): v for k, v in params.items()})
-    expected, mean, var = zclip_reference(WITH_NONFINITE, **params)
-    finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
-    np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
-    if mean is not None:
-        assert float(policy.mean) == pytest.approx(mean, rel=1e-5)
-        assert float(policy.var) == pytest.approx(var, rel=1e-4)
+    ours, _ = zclip_against_reference(params)
     clipped = sum(o < n * (1 - 1e-4) for o, n in zip(ours, WITH_NONFINITE) if math.isfinite(n))
     if params.get("warmup_steps") == 4 and "max_norm" not in params:
         assert clipped >= 2  # the spikes at 30 and 60 are clipped
@@ -148,15 +158,8 @@ def test_zclip_matches_reference_code_in_float64(params):
 def test_zclip_clipped_warmup_starts_the_ema_from_the_clipped_norms(params):
     """The default: the warmup collects what its clip left (here the reference's ``max_norm`` clip stands in for the
     parameter-scale guard), so a spike inside the warmup does not start the EMA at its scale."""
-    renamed = methods.ZClip.renamed
-    ours, policy = run_global(
-        "zclip", WITH_NONFINITE, clipped_warmup=True, **{renamed.get(k, k): v for k, v in params.items()}
-    )
-    expected, mean, var = zclip_reference(WITH_NONFINITE, clipped_warmup=True, **params)
-    finite = [i for i, n in enumerate(WITH_NONFINITE) if math.isfinite(n)]
-    np.testing.assert_allclose([ours[i] for i in finite], [expected[i] for i in finite], rtol=1e-5)
-    assert float(policy.mean) == pytest.approx(mean, rel=1e-5)
-    assert float(policy.var) == pytest.approx(var, rel=1e-4)
+    _, mean = zclip_against_reference(params, clipped_warmup=True)
+    assert mean is not None  # the EMA started
     raw_mean = zclip_reference(WITH_NONFINITE, **params)[1]
     assert mean < raw_mean  # the spikes of the warmup (8.0 at step 5) did not enter it raw
 
