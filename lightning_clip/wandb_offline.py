@@ -76,15 +76,20 @@ def read_run(wandb_dir: Path) -> Run:
     return read_run_file(files[0])
 
 
-def read_run_file(path: Path, wait_s: float = 60.0) -> Run:
+def read_run_file(path: Path, wait_s: float = 60.0, quiet_s: float = 10.0) -> Run:
     """The run in ``path``. W&B's service may still be writing the file after ``finish()`` returns (seen on a loaded
-    machine: the history of a finished run read back empty), so this re-reads it until its exit record is there, for
-    at most ``wait_s`` seconds; a run that is still going (or was killed) is returned as far as it got."""
-    deadline = time.monotonic() + wait_s
+    machine: the history of a finished run read back empty), so until its exit record is there this re-reads it each
+    time it grows, for at most ``wait_s`` seconds; a file that has not grown for ``quiet_s`` (a killed run) or a run
+    still going at the deadline is returned as far as it got."""
+    path = Path(path)
+    size = path.stat().st_size  # taken before each parse, so growth during a parse is seen on the next check
     run = _parse(path)
-    while not run.finished and time.monotonic() < deadline:
+    start = grew = time.monotonic()
+    while not run.finished and time.monotonic() - start < wait_s and time.monotonic() - grew < quiet_s:
         time.sleep(0.2)
-        run = _parse(path)
+        if path.stat().st_size != size:
+            size, grew = path.stat().st_size, time.monotonic()
+            run = _parse(path)
     return run
 
 
