@@ -113,7 +113,7 @@ class GradientClipping(Callback):
         lambda_rel: float | None = None,
         lambda_abs: float | None = None,
         theta: float | None = None,
-        warmup_clip_factor: float | None = None,
+        warmup_update_ratio: float | None = None,
         clipped_history: bool | None = None,
         clipped_warmup: bool | None = None,
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",

@@ -35,6 +35,7 @@ from lightning_clip.params import Layout, ParamSet
 from lightning_clip.sharding import FlatShard
 from lightning_clip.spikes import SpikeSkipper
 from lightning_clip.stats import LayerStats
+from lightning_clip.thresholds import GuardedWarmup
 
 NonFinite = Literal["skip", "raise", "ignore"]
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "ignore")
@@ -221,6 +222,13 @@ class Clipper:
             self._device_skips = torch.zeros((), dtype=torch.long)
             self._consecutive = torch.zeros((), dtype=torch.long)
             self._flags: Tensor | None = None  # per tensor: held NaN/Inf since the last report
+        if isinstance(self.policy, GuardedWarmup) and self.policy.reads_learning_rate:
+            if optimizer is None:
+                raise ValueError(
+                    f"method={method.name!r} caps its warmup at a relative update, which reads the learning rate: "
+                    "pass Clipper(..., optimizer=...), or warmup_update_ratio=0 for the paper's warmup"
+                )
+            self.policy.optimizer = optimizer
         if self.operator.reads_optimizer:
             if optimizer is None:
                 raise ValueError(

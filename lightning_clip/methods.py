@@ -123,12 +123,13 @@ def parameter(default: Any, check: Callable[[Any], Any], doc: str, annotation: A
 _SCHEDULES = ScheduledThreshold.SCHEDULES
 
 
-def _warmup_clip_factor() -> Any:
+def _warmup_update_ratio(off: str = "the paper's warmup") -> Any:
     return parameter(
-        0.01,
+        1e-3,
         _non_negative,
         "while the method's statistics are collected (warmup), the global gradient norm is at most this times the "
-        "global parameter norm, so the first steps are clipped at the model's scale; 0: the paper's warmup",
+        "global parameter norm divided by the learning rate (the optimizer's largest), so that a plain SGD step "
+        f"moves the parameters by at most this fraction of their norm; 0: {off}",
     )
 
 
@@ -276,14 +277,15 @@ class AutoClip(Method):
     global norm clipping at the ``percentile``-th percentile of the global norms seen so far (current included)."""
 
     name = "autoclip"
+    renamed = {"warmup_clip_factor": "warmup_update_ratio"}
     percentile: float = parameter(
         10.0, _percentile, "percentile of past global norms used as the threshold, in (0, 100]"
     )
     window: int = parameter(
         1000, _count, "how many past norms are kept (the paper keeps all; a ring buffer on the device)", int
     )
-    warmup_steps: int = parameter(25, _count, "finite steps on which `warmup_clip_factor` also caps the norm", int)
-    warmup_clip_factor: float = _warmup_clip_factor()
+    warmup_steps: int = parameter(25, _count, "finite steps on which `warmup_update_ratio` also caps the norm", int)
+    warmup_update_ratio: float = _warmup_update_ratio()
     clipped_history: bool = parameter(
         True,
         _flag,
@@ -294,7 +296,7 @@ class AutoClip(Method):
 
     def build(self):
         policy = AutoClipThreshold(
-            self.percentile, self.window, self.warmup_steps, self.warmup_clip_factor, self.clipped_history
+            self.percentile, self.window, self.warmup_steps, self.warmup_update_ratio, self.clipped_history
         )
         return policy, GlobalNormClip(2.0)
 
@@ -310,6 +312,7 @@ class ZClip(Method):
         "max_norm": "threshold_cap",
         "skip_update_on_spike": "freeze_on_spike",
         "eps": "std_eps",
+        "warmup_clip_factor": "warmup_update_ratio",
     }
     alpha: float = parameter(0.97, _fraction, "EMA smoothing of the norm's mean and variance, in (0, 1)")
     z_thresh: float = parameter(2.5, _positive, "z-score above which a norm is a spike (> 0)")
@@ -348,7 +351,7 @@ class ZClip(Method):
         bool,
     )
     std_eps: float = parameter(1e-6, _positive, "added to the standard deviation in the z-score (> 0)")
-    warmup_clip_factor: float = _warmup_clip_factor()
+    warmup_update_ratio: float = _warmup_update_ratio()
     clipped_warmup: bool = parameter(
         True,
         _flag,
@@ -368,7 +371,7 @@ class ZClip(Method):
             max_norm=self.threshold_cap,
             skip_update_on_spike=self.freeze_on_spike,
             eps=self.std_eps,
-            warmup_clip_factor=self.warmup_clip_factor,
+            update_ratio=self.warmup_update_ratio,
             clipped_warmup=self.clipped_warmup,
         )
         return policy, GlobalNormClip(2.0)
@@ -380,12 +383,13 @@ class AdaGC(Method):
     per-tensor clipping at ``lambda_rel`` times an EMA of each tensor's clipped norm, after a global-norm warmup."""
 
     name = "adagc"
+    renamed = {"warmup_clip_factor": "warmup_update_ratio"}
     beta: float = parameter(0.98, _fraction, "EMA smoothing of each tensor's clipped norm, in (0, 1)")
     lambda_rel: float = parameter(1.05, _positive, "each tensor is clipped to `lambda_rel` x its EMA (> 0)")
     lambda_abs: float | None = parameter(
         None,
         _optional_positive,
-        "the paper's global norm limit during warmup, in gradient units (> 0); None: `warmup_clip_factor` instead",
+        "the paper's global norm limit during warmup, in gradient units (> 0); None: `warmup_update_ratio` instead",
         float | None,
     )
     warmup_steps: int = parameter(
@@ -394,16 +398,10 @@ class AdaGC(Method):
         "finite steps of global clipping; each tensor's threshold starts at the smallest clipped norm it had",
         int,
     )
-
-    warmup_clip_factor: float = parameter(
-        0.01,
-        _non_negative,
-        "with `lambda_abs=None`, the warmup's global gradient norm is at most this times the global parameter norm "
-        "(0: no global clip during warmup)",
-    )
+    warmup_update_ratio: float = _warmup_update_ratio("no global clip during warmup (with `lambda_abs=None`)")
 
     def build(self):
-        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps, self.warmup_clip_factor)
+        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps, self.warmup_update_ratio)
         return policy, TensorNormClip(2.0)
 
 

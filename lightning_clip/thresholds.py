@@ -51,7 +51,7 @@ def resized_ring(history: Tensor, count: int, window: int) -> Tensor:
     return empty.index_put((order % window,), history[order % history.numel()])
 
 
-#: Floor on the parameter norm in :func:`parameter_guard` (AGC's default ``eps``).
+#: Floor on the parameter norm in :func:`update_guard` (AGC's default ``eps``).
 PARAMETER_FLOOR = 1e-3
 
 
@@ -62,16 +62,47 @@ def warming_up(steps: int, warmup_steps: int) -> bool:
     return steps < 2 * warmup_steps
 
 
-def parameter_guard(layout: Layout, like: Tensor, clip_factor: float) -> Tensor:
-    """``clip_factor`` times the global L2 norm of the parameters that are clipped: the limit the adaptive methods
-    apply while their own statistics are being collected. It follows the model's scale, as AGC's unit-wise limit
-    does (Brock et al. 2021), so it needs no threshold in gradient units; one more read of the parameters (and,
-    sharded, one more collective) per step, during warmup only. As AGC's ``eps``, a floor of 1e-3 on the parameter
-    norm keeps zero-initialised parameters learning."""
+def learning_rate(optimizer: torch.optim.Optimizer) -> float | Tensor:
+    """The largest learning rate among the optimizer's parameter groups, read as it is now (a scheduler changes it
+    between steps); a tensor when a group holds its rate as one (no host read)."""
+    rates = [group["lr"] for group in optimizer.param_groups]
+    if any(isinstance(rate, Tensor) for rate in rates):
+        return torch.stack([torch.as_tensor(rate, dtype=torch.float32).reshape(()) for rate in rates]).max()
+    return max(rates)
+
+
+def update_guard(layout: Layout, like: Tensor, update_ratio: float, lr: float | Tensor) -> Tensor:
+    """``update_ratio`` times the global L2 norm of the parameters that are clipped, divided by the learning rate
+    ``lr``: the largest global gradient norm with which a plain SGD step ``lr * g`` moves the parameters by at most
+    ``update_ratio`` of their norm. The adaptive methods apply it while their own statistics are collected. It
+    follows the model's scale, as AGC's unit-wise limit does (Brock et al. 2021, who state it as the relative
+    update ``||dW|| / ||W||``), and the learning rate, as LARS's trust ratio does (You et al. 2017, "Large Batch
+    Training of Convolutional Networks"), so it needs no threshold in gradient units; 1e-3 is the relative update
+    both name as typical. One more read of the parameters (and, sharded, one more collective) per step, during warmup
+    only. As AGC's ``eps``, a floor of 1e-3 on the parameter norm keeps zero-initialised parameters learning; a rate
+    of 0 gives no limit (nothing moves)."""
     norms = tensor_norms(layout, layout.local_params(), 2.0).to(like)
     if layout.clip_mask is not None:
         norms = torch.where(layout.clip_mask.to(norms.device), norms, 0.0)
-    return clip_factor * torch.linalg.vector_norm(norms).clamp(min=PARAMETER_FLOOR)
+    lr = lr.to(like) if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=like.dtype, device=like.device)
+    return update_ratio * torch.linalg.vector_norm(norms).clamp(min=PARAMETER_FLOOR) / lr
+
+
+class GuardedWarmup:
+    """Mixed into the policies whose warmup :func:`update_guard` caps: they read the learning rate from the optimizer
+    the clipper binds (``optimizer``) when their ``update_ratio`` is set."""
+
+    update_ratio: float = 0.0
+    optimizer: torch.optim.Optimizer | None = None
+
+    @property
+    def reads_learning_rate(self) -> bool:
+        return bool(self.update_ratio)
+
+    def _guard(self, layout: Layout, like: Tensor) -> Tensor:
+        if self.optimizer is None:
+            raise RuntimeError("the warmup guard reads the learning rate: bind the policy's optimizer first")
+        return update_guard(layout, like, self.update_ratio, learning_rate(self.optimizer))
 
 
 def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
@@ -136,15 +167,15 @@ class DelayedThreshold(ScheduledThreshold):
         return self.value if self.step + 1 >= self.delay else math.inf
 
 
-class AutoClipThreshold(ThresholdPolicy):
+class AutoClipThreshold(GuardedWarmup, ThresholdPolicy):
     """AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"):
     the threshold is the ``percentile``-th percentile of the history of global gradient norms, the current step's
     included. The paper keeps the whole history; here it is a ring buffer of the last ``window`` finite norms on the
     device (unfilled slots are NaN and ignored by ``nanquantile``; linear interpolation, as ``numpy.percentile``).
 
     The paper's history starts empty, so the first steps are clipped at the scale of whatever they measure, an
-    exploding one included. With ``warmup_clip_factor`` set, the first ``warmup_steps`` finite steps are also capped
-    by :func:`parameter_guard` (0: the paper's behaviour).
+    exploding one included. With ``update_ratio`` set, the first ``warmup_steps`` finite steps are also capped by
+    :func:`update_guard` (0: the paper's behaviour).
 
     The paper records the raw norms. Where they explode from the first step (a tanh RNN at a high learning rate),
     the percentile of raw norms is itself an exploding scale, and training diverges as soon as the warmup ends. With
@@ -158,11 +189,11 @@ class AutoClipThreshold(ThresholdPolicy):
         percentile: float = 10.0,
         window: int = 1000,
         warmup_steps: int = 25,
-        warmup_clip_factor: float = 0.0,
+        update_ratio: float = 0.0,
         clipped_history: bool = False,
     ) -> None:
         self.percentile, self.window = percentile, window
-        self.warmup_steps, self.warmup_clip_factor = warmup_steps, warmup_clip_factor
+        self.warmup_steps, self.update_ratio = warmup_steps, update_ratio
         self.clipped_history = clipped_history
         self.steps = 0  # steps taken, on the host
         self.history = torch.full((window,), math.nan)
@@ -179,8 +210,8 @@ class AutoClipThreshold(ThresholdPolicy):
         candidate = self._with_current(measured.total)
         threshold = torch.nanquantile(candidate, self.percentile / 100.0)
         self.steps += 1
-        if self.warmup_clip_factor and warming_up(self.steps - 1, self.warmup_steps):
-            guard = parameter_guard(layout, threshold, self.warmup_clip_factor)
+        if self.update_ratio and warming_up(self.steps - 1, self.warmup_steps):
+            guard = self._guard(layout, threshold)
             warming = self.count.to(threshold.device) < self.warmup_steps
             threshold = torch.where(warming, torch.minimum(threshold, guard), threshold)
         self._threshold = threshold
@@ -205,7 +236,7 @@ class AutoClipThreshold(ThresholdPolicy):
         self.count = state["count"].clone()
 
 
-class ZClipThreshold(ThresholdPolicy):
+class ZClipThreshold(GuardedWarmup, ThresholdPolicy):
     """ZClip (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): EMA estimates of the
     mean and variance of the global gradient norm; a norm whose z-score exceeds ``z_thresh`` is a spike and is
     clipped. As in the paper's reference code:
@@ -219,8 +250,8 @@ class ZClipThreshold(ThresholdPolicy):
     - ``max_norm``, when set, caps the threshold on every step, warmup included (the reference defaults it to 1.0).
 
     The reference leaves the warmup unclipped unless ``max_norm`` is set, an absolute threshold to tune. With
-    ``warmup_clip_factor`` set (the default of the ``zclip`` method), warmup steps are clipped by
-    :func:`parameter_guard` instead, which follows the model's scale; 0 gives the reference's behaviour.
+    ``update_ratio`` set (the default of the ``zclip`` method), warmup steps are clipped by :func:`update_guard`
+    instead, which follows the model's scale and the learning rate; 0 gives the reference's behaviour.
 
     The reference starts the EMA from the raw warmup norms. Where those explode (a tanh RNN at a high learning rate),
     the EMA starts at an exploding scale and training diverges as soon as the warmup ends, guard or not. With
@@ -241,11 +272,11 @@ class ZClipThreshold(ThresholdPolicy):
         max_norm: float | None = None,
         skip_update_on_spike: bool = False,
         eps: float = 1e-6,
-        warmup_clip_factor: float = 0.0,
+        update_ratio: float = 0.0,
         clipped_warmup: bool = False,
     ) -> None:
         self.alpha, self.z_thresh, self.warmup_steps = alpha, z_thresh, warmup_steps
-        self.warmup_clip_factor, self.clipped_warmup = warmup_clip_factor, clipped_warmup
+        self.update_ratio, self.clipped_warmup = update_ratio, clipped_warmup
         self.mode, self.clip_option, self.clip_factor = mode, clip_option, clip_factor
         self.max_norm, self.skip_update_on_spike, self.eps = max_norm, skip_update_on_spike, eps
         self.steps = 0  # steps taken, on the host
@@ -284,8 +315,8 @@ class ZClipThreshold(ThresholdPolicy):
         self._spike = (spike, limit)
         threshold = torch.where(spike, limit, torch.full_like(norm, math.inf))
         self.steps += 1
-        if self.warmup_clip_factor and warming_up(self.steps - 1, self.warmup_steps):
-            guard = parameter_guard(layout, norm, self.warmup_clip_factor)
+        if self.update_ratio and warming_up(self.steps - 1, self.warmup_steps):
+            guard = self._guard(layout, norm)
             threshold = torch.where(initialized, threshold, guard)
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
@@ -345,7 +376,7 @@ class ZClipThreshold(ThresholdPolicy):
         self.mean, self.var = state["mean"].clone(), state["var"].clone()
 
 
-class AdaGCThreshold(ThresholdPolicy):
+class AdaGCThreshold(GuardedWarmup, ThresholdPolicy):
     """AdaGC (Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining"): one
     threshold per parameter tensor, an EMA of that tensor's clipped gradient norm (to be used with per-tensor
     clipping):
@@ -361,7 +392,8 @@ class AdaGCThreshold(ThresholdPolicy):
     so that one per-tensor operator serves both phases.
 
     ``lambda_abs`` is an absolute threshold in gradient units, to be tuned; with ``lambda_abs=None`` the warmup's
-    global limit is :func:`parameter_guard` with ``warmup_clip_factor``, which follows the model's scale.
+    global limit is :func:`update_guard` with ``update_ratio``, which follows the model's scale and the learning
+    rate.
 
     ``clip/threshold`` records the mean of the per-tensor thresholds in force.
     """
@@ -372,10 +404,10 @@ class AdaGCThreshold(ThresholdPolicy):
         lambda_rel: float = 1.05,
         lambda_abs: float | None = 1.0,
         warmup_steps: int = 100,
-        warmup_clip_factor: float = 0.01,
+        update_ratio: float = 1e-3,
     ) -> None:
         self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps = beta, lambda_rel, lambda_abs, warmup_steps
-        self.warmup_clip_factor = warmup_clip_factor
+        self.update_ratio = update_ratio if lambda_abs is None else 0.0
         self.steps = 0  # steps taken, on the host
         self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
         self.count = torch.zeros((), dtype=torch.long)
@@ -400,8 +432,8 @@ class AdaGCThreshold(ThresholdPolicy):
         self.steps += 1
         if self.lambda_abs is not None:
             limit = self.lambda_abs
-        elif self.warmup_clip_factor and warming_up(self.steps - 1, self.warmup_steps):
-            limit = parameter_guard(layout, norms, self.warmup_clip_factor)
+        elif self.update_ratio and warming_up(self.steps - 1, self.warmup_steps):
+            limit = self._guard(layout, norms)
         else:
             limit = math.inf
         coef = torch.clamp(limit / (measured.total + NORM_EPS), max=1.0)

@@ -21,7 +21,10 @@ ALL_METHODS = [
 
 
 def clipper_for(method, params, nonfinite="skip", **kwargs):
-    return Clipper(methods.from_arguments(method, kwargs), named(params), nonfinite=nonfinite, max_consecutive_skips=3)
+    """A clipper bound to an SGD optimizer over ``params`` (the adaptive methods' warmup guard reads its rate)."""
+    method = methods.from_arguments(method, kwargs)
+    optimizer = torch.optim.SGD(params, lr=0.1)
+    return Clipper(method, named(params), optimizer=optimizer, nonfinite=nonfinite, max_consecutive_skips=3)
 
 
 @pytest.mark.parametrize(("method", "kwargs"), ALL_METHODS)
@@ -154,3 +157,4 @@ def test_norm_overflow_counts_as_nonfinite_and_says_so():
     clipper = clipper_for("norm", params, "raise")
     with pytest.raises(NonFiniteGradientError, match=r"a norm beyond float32\) at optimizer step 1 in: layer0.weight"):
         clipper.step()
+

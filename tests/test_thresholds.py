@@ -18,9 +18,9 @@ def run_global(method, norms, **params):
     """Feed each norm as the gradient norm of one parameter; return the norms after clipping. The papers' methods
     have no parameter-scale warmup and keep statistics of raw norms: both are off unless ``params`` set them."""
     if method == "autoclip":
-        params = {"warmup_clip_factor": 0.0, "clipped_history": False, **params}
+        params = {"warmup_update_ratio": 0.0, "clipped_history": False, **params}
     if method == "zclip":
-        params = {"warmup_clip_factor": 0.0, "clipped_warmup": False, **params}
+        params = {"warmup_update_ratio": 0.0, "clipped_warmup": False, **params}
     p = torch.nn.Parameter(torch.zeros(4))
     clipper = Clipper(methods.from_arguments(method, params), [("w", p)], nonfinite="ignore")
     policy = clipper.policy
@@ -261,29 +261,78 @@ def test_first_step_and_only_nonfinite_steps():
     assert int(policy.count) == 0 and float(policy.mean) == 0.0
 
 
+def guarded_clipper(method, named_params, lr, **params):
+    """The method with its default warmup guard, bound to an SGD optimizer at ``lr``."""
+    pairs = list(named_params)
+    optimizer = torch.optim.SGD([p for _, p in pairs], lr=lr)
+    return Clipper(methods.from_arguments(method, params), pairs, optimizer=optimizer, nonfinite="ignore")
+
+
+def guard_reference(params, lr, ratio=1e-3):
+    """The warmup limit in float64: ratio x max(global parameter norm, 1e-3) / lr."""
+    norm = math.sqrt(sum(float(p.detach().double().square().sum()) for p in params))
+    return ratio * max(norm, 1e-3) / lr
+
+
 @pytest.mark.parametrize("method", ["autoclip", "zclip", "adagc"])
-def test_warmup_caps_the_first_steps_at_the_parameter_scale(method):
+@pytest.mark.parametrize("lr", [0.05, 1.0, 30.0])
+def test_warmup_caps_the_first_steps_at_a_relative_update(method, lr):
     """With their defaults the adaptive methods clip from the first step: while their statistics are collected, the
-    global gradient norm is at most warmup_clip_factor (0.01) x the global parameter norm (floored at 1e-3)."""
+    global gradient norm is at most warmup_update_ratio (1e-3) x the global parameter norm / the learning rate, so
+    an SGD step moves the parameters by at most 1e-3 of their norm, at any learning rate."""
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(8, 8, generator=gen)), torch.nn.Parameter(torch.zeros(8))]
-    clipper = Clipper(methods.from_arguments(method, {}), zip(["w", "b"], params), nonfinite="ignore")
-    param_norm = float(torch.linalg.vector_norm(torch.stack([p.detach().norm() for p in params])))
+    clipper = guarded_clipper(method, zip(["w", "b"], params), lr)
     for step, scale in enumerate([1e4, 1e6, 3e5]):  # an exploding start
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen) * scale
+        limit = guard_reference(params, lr)
         clipper.step()
         total = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-        assert total == pytest.approx(0.01 * param_norm, rel=1e-4), step
+        assert total == pytest.approx(limit, rel=1e-5), step
+        before = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p in params:
+                p -= lr * p.grad  # the SGD step the guard bounds
+        moved = math.sqrt(sum(float((p - b).double().square().sum()) for p, b in zip(params, before)))
+        assert moved == pytest.approx(1e-3 * math.sqrt(sum(float(b.double().square().sum()) for b in before)), 1e-4)
+
+
+@pytest.mark.parametrize("method", ["autoclip", "zclip", "adagc"])
+def test_warmup_guard_follows_a_scheduled_and_a_per_group_learning_rate(method):
+    """The guard reads the rate as it is at each step (a scheduler changes it), the largest of the optimizer's
+    groups, and a rate held in a tensor without a host read."""
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.nn.Parameter(torch.randn(6, 6, generator=gen)), torch.nn.Parameter(torch.randn(6, generator=gen))
+    optimizer = torch.optim.SGD([{"params": [w], "lr": 0.5}, {"params": [b], "lr": torch.tensor(2.0)}])
+    clipper = Clipper(methods.from_arguments(method, {}), [("w", w), ("b", b)], optimizer=optimizer, nonfinite="ignore")
+    for lr_b in [0.1, 0.25, 2.0]:  # a rising rate lowers the guard below what the statistics allow
+        optimizer.param_groups[1]["lr"] = torch.tensor(lr_b)
+        for p in (w, b):
+            p.grad = torch.randn(p.shape, generator=gen) * 1e3
+        clipper.step()
+        total = float(torch.linalg.vector_norm(torch.stack([w.grad.norm(), b.grad.norm()])))
+        assert total == pytest.approx(guard_reference([w, b], max(0.5, lr_b)), rel=1e-5), lr_b
+
+
+@pytest.mark.parametrize("method", ["autoclip", "zclip", "adagc"])
+def test_the_warmup_guard_needs_the_optimizer_or_the_papers_warmup(method):
+    p = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match="warmup_update_ratio=0"):
+        Clipper(methods.from_arguments(method, {}), [("w", p)])
+    off = "lambda_abs" if method == "adagc" else "warmup_update_ratio"
+    clipper = Clipper(methods.from_arguments(method, {off: 1.0 if method == "adagc" else 0.0}), [("w", p)])
+    p.grad = torch.full((4,), 1e3)
+    clipper.step()  # the paper's warmup reads no learning rate
 
 
 @pytest.mark.parametrize("method", ["autoclip", "zclip", "adagc"])
 def test_zero_parameters_still_learn_under_the_warmup_guard(method):
     p = torch.nn.Parameter(torch.zeros(4))
-    clipper = Clipper(methods.from_arguments(method, {}), [("w", p)], nonfinite="ignore")
+    clipper = guarded_clipper(method, [("w", p)], lr=0.1)
     p.grad = torch.ones(4)
     clipper.step()
-    assert float(p.grad.norm()) == pytest.approx(0.01 * 1e-3, rel=1e-4)
+    assert float(p.grad.norm()) == pytest.approx(1e-3 * 1e-3 / 0.1, rel=1e-4)
 
 
 @pytest.mark.parametrize(("clipped_warmup", "after_warmup"), [(False, 1.0), (True, 0.02)])
@@ -291,8 +340,8 @@ def test_warmup_guard_ends_with_the_warmup(clipped_warmup, after_warmup):
     """The guard applies to the warmup only. With the raw warmup norms (the reference's) the EMA starts at 1.0 and
     norms of 1.0 pass; with the clipped ones (the default) it starts where the guard held the steps, 0.02, so the
     same norms are spikes and stay at that scale: the price of never starting from an exploding scale."""
-    p = torch.nn.Parameter(torch.ones(4))  # parameter norm 2: the guard is 0.02
-    clipper = Clipper(methods.ZClip(warmup_steps=3, clipped_warmup=clipped_warmup), [("w", p)], nonfinite="ignore")
+    p = torch.nn.Parameter(torch.ones(4))  # parameter norm 2; at lr 0.1 the guard is 1e-3 x 2 / 0.1 = 0.02
+    clipper = guarded_clipper("zclip", [("w", p)], lr=0.1, warmup_steps=3, clipped_warmup=clipped_warmup)
     after = []
     for _ in range(5):
         p.grad = torch.full((4,), 0.5)  # norm 1.0 every step
