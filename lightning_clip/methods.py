@@ -401,7 +401,8 @@ class AdaGC(Method):
     warmup_update_ratio: float = _warmup_update_ratio("no global clip during warmup (with `lambda_abs=None`)")
 
     def build(self):
-        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps, self.warmup_update_ratio)
+        ratio = self.warmup_update_ratio
+        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps, ratio)
         return policy, TensorNormClip(2.0)
 
 

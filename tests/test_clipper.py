@@ -157,4 +157,3 @@ def test_norm_overflow_counts_as_nonfinite_and_says_so():
     clipper = clipper_for("norm", params, "raise")
     with pytest.raises(NonFiniteGradientError, match=r"a norm beyond float32\) at optimizer step 1 in: layer0.weight"):
         clipper.step()
-
