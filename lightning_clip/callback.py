@@ -396,6 +396,7 @@ def _build_clipper(
         nonfinite=callback.nonfinite,
         max_consecutive_skips=callback.max_consecutive_skips,
         scaler_checks_nonfinite=_scaler(trainer) is not None,
+        grad_scaler=_scaler(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None,
         stats=stats,
         skip_spikes=callback.skip_spikes,
         spike_window=callback.spike_window,
@@ -460,12 +461,6 @@ def _check_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, meth
             f"GradientClipping(method='spam') reads Adam's second moment (exp_avg_sq) from the optimizer, which "
             f"{type(optimizer).__name__} does not keep: use one of {eligible} (fused or foreach variants too), or "
             "another method for this optimizer (optimizers=[...] selects which a callback clips)."
-        )
-    if _scaler(trainer) is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
-        raise ClippingConfigError(
-            f"{type(optimizer).__name__} unscales fp16 gradients inside its own step (a fused optimizer), "
-            "so they are still scaled when GradientClipping sees them: use the optimizer without "
-            "fused=True, or train in bf16-mixed."
         )
 
 

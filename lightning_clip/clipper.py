@@ -199,6 +199,7 @@ class Clipper:
         spike_window: int = 128,
         track_max: bool | None = None,
         fused: bool | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
@@ -213,12 +214,19 @@ class Clipper:
         )
         foldable = measures and not method.exclude
         supports = optimizer is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
-        self.fused = bool(foldable and supports and not scaler_checks_nonfinite) if fused is None else fused
+        if grad_scaler is not None and not (supports and scaler_checks_nonfinite):
+            raise ValueError("grad_scaler is for a fused optimizer under fp16: pass it with scaler_checks_nonfinite")
+        # a GradScaler hands a fused optimizer its scale at the step: the gradients here still carry it
+        self.grad_scaler, self._optimizer = grad_scaler, optimizer
+        can_fold = foldable and supports and (not scaler_checks_nonfinite or grad_scaler is not None)
+        self.fused = bool(can_fold) if fused is None else fused
         if self.fused:
-            if not (foldable and supports and not scaler_checks_nonfinite):
-                raise ValueError("fused=True needs a fused optimizer, a global-coefficient method and no GradScaler")
-            self._optimizer = optimizer
-            optimizer.register_step_post_hook(_clear_folded)
+            if not can_fold:
+                raise ValueError(
+                    "fused=True needs a fused optimizer, a global-coefficient method, and under fp16 the GradScaler"
+                )
+            if grad_scaler is None:  # a GradScaler deletes both attributes after the step itself
+                optimizer.register_step_post_hook(_clear_folded)
             self._device_skips = torch.zeros((), dtype=torch.long)
             self._consecutive = torch.zeros((), dtype=torch.long)
             self._flags: Tensor | None = None  # per tensor: held NaN/Inf since the last report
@@ -275,15 +283,20 @@ class Clipper:
             return None
         self.steps += 1
         self.last_nonfinite, self.last_spike = None, None
+        if self.grad_scaler is not None and not self.fused:
+            self.grad_scaler.unscale_(self._optimizer)  # the scaler's own pass, as it makes for unfused optimizers
         grads = layout.grads()
         watch = self.reads_host or self.scaler_checks_nonfinite
         measured = None
         if self.operator.measures_always or watch or record:
             measured = self.operator.measure(layout, grads)
+        unscale = self._unscale_factor()
+        if unscale is not None and measured is not None:
+            measured = measured.scaled(unscale)
         finite = torch.isfinite(measured.overall) if watch and measured is not None else None
         if finite is not None:
             self._count(finite, measured.overall)
-        l2 = self._l2_norms(layout, grads, measured) if self.track_max or record else None  # once per step
+        l2 = self._l2_norms(layout, grads, measured, unscale) if self.track_max or record else None  # once a step
         if self.track_max:
             self._track_max(layout, l2)
         if self.fused:
@@ -326,7 +339,8 @@ class Clipper:
         parameters, moments and step counts unchanged). Nothing is read from the device: skips are counted there and
         reported (names, the ``max_consecutive_skips`` guard) with the next record, in one read."""
         finite = torch.isfinite(measured.overall)
-        skip = ~finite if self.nonfinite == "skip" else torch.zeros_like(finite)
+        scaled = self.grad_scaler is not None  # the GradScaler sets found_inf and skips non-finite steps itself
+        skip = ~finite if self.nonfinite == "skip" and not scaled else torch.zeros_like(finite)
         if self.spikes is not None and self.nonfinite == "skip":
             spike = self.spikes.is_spike(measured.overall)
             self.spikes.observe(measured.overall, measured.norms, finite)
@@ -337,11 +351,15 @@ class Clipper:
         self._flags = flags if self._flags is None or self._flags.shape != flags.shape else self._flags | flags
         record = grad_norms is not None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
+        if "grad_max" in before and scaled:
+            before["grad_max"] = before["grad_max"] * self._unscale_factor().to(before["grad_max"])
         threshold = self.policy.threshold(layout, measured)
         reported = self.policy.reported(threshold) if record else threshold
         coef = torch.clamp(threshold / (measured.total + NORM_EPS), max=1.0).float()
-        self._optimizer.grad_scale = torch.where(skip, 1.0, 1.0 / coef)
-        self._optimizer.found_inf = skip.float()
+        # the kernel divides by grad_scale (a GradScaler multiplies in its own scale first, "the product of the scales")
+        self._optimizer.grad_scale = torch.where(skip | ~finite, 1.0, 1.0 / coef)
+        if not scaled:
+            self._optimizer.found_inf = skip.float()
         applied = Applied(changed=coef < 1.0, scale=coef.expand(len(layout)))
         self.policy.observe(layout, measured, applied, finite & ~skip)
         self._clipped_steps = self._clipped_steps.to(coef.device) + (applied.changed & ~skip)
@@ -383,11 +401,19 @@ class Clipper:
     def _count(self, finite: Tensor, like: Tensor) -> None:
         self._nonfinite_steps = self._nonfinite_steps.to(like.device) + (~finite).to(like.dtype)
 
+    def _unscale_factor(self) -> Tensor | None:
+        """On the fused path under fp16, ``1 / the GradScaler's scale`` that the gradients still carry, as a device
+        tensor (``GradScaler.get_scale()`` would read it to the host); else None."""
+        if self.grad_scaler is None or not self.fused:
+            return None
+        return self.grad_scaler._scale.double().reciprocal().float()
+
     @staticmethod
-    def _l2_norms(layout: Layout, grads: list[Tensor], measured: Measured | None) -> Tensor:
+    def _l2_norms(layout: Layout, grads: list[Tensor], measured: Measured | None, unscale: Tensor | None) -> Tensor:
         if measured is not None and measured.norm_type == 2.0:
-            return measured.norms
-        return tensor_norms(layout, grads, 2.0)
+            return measured.norms  # already unscaled
+        norms = tensor_norms(layout, grads, 2.0)
+        return norms if unscale is None else norms * unscale.to(norms)
 
     def _record(
         self, layout: Layout, grad_norms: Tensor, clipped_norms: Tensor, threshold: Threshold, before: dict
@@ -465,7 +491,11 @@ class Clipper:
     def release(self) -> None:
         """Drop every reference to the parameters (their layouts and gradients), keeping the counters and the
         policy's state: a callback reused over several fits keeps no model of an earlier fit alive."""
-        self.params = None
+        self.params = self._optimizer = self.grad_scaler = None
+        if isinstance(self.policy, GuardedWarmup):
+            self.policy.optimizer = None
+        if self.operator.reads_optimizer:
+            self.operator.bind(None)
 
     def state_dict(self) -> dict[str, Any]:
         return {

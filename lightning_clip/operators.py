@@ -98,6 +98,12 @@ class Measured:
     overall: Tensor
     units: list[tuple[list[Tensor], list[Tensor]]] | None = None
 
+    def scaled(self, factor: Tensor) -> Measured:
+        """The same norms times ``factor`` (a 0-d tensor): the norms of gradients that still carry a loss scale,
+        without it. Only for global-coefficient operators (no unit norms)."""
+        factor = factor.to(self.norms)
+        return Measured(self.norms * factor, self.total * factor, self.norm_type, self.overall * factor)
+
 
 @dataclass
 class Applied:
@@ -212,7 +218,7 @@ class SpikeAwareClip(ClipOperator):
         self.state: Any = None
 
     def bind(self, optimizer: Any) -> None:
-        self.state = optimizer.state
+        self.state = None if optimizer is None else optimizer.state
 
     def _moments(self, layout: Layout, run: slice) -> list[Tensor | None]:
         return [self.state.get(p, {}).get("exp_avg_sq") for p in layout.params[run]]

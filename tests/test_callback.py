@@ -100,16 +100,6 @@ def test_fp16_with_real_grad_scaler_sees_unscaled_gradients_and_defers_overflow(
     assert clipping.last_metrics["clip/skipped_steps"] == 0  # the scaler skipped them, not us
 
 
-def test_fused_optimizer_under_fp16_is_refused():
-    class Fused(TinyModule):
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), fused=True)
-
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    with pytest.raises(ClippingConfigError, match="fused=True"):
-        trainer(callbacks=[GradientClipping("norm")], plugins=[plugin]).fit(Fused(), loader())
-
-
 def test_gradient_clip_val_is_refused_before_training():
     with pytest.raises(ClippingConfigError, match=r"gradient_clip_val=1.0.*double clipping"):
         trainer(callbacks=[GradientClipping("norm")], gradient_clip_val=1.0).fit(TinyModule(), loader())
@@ -276,6 +266,20 @@ def test_one_callback_over_five_fits_clips_exactly_keeps_no_model_and_defines_ea
         del model, logger, reference
     gc.collect()
     assert [ref() is None for ref in models] == [True] * 5
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("autoclip", {}), ("spam", {"warmup_steps": 1})])
+def test_a_fit_that_ended_keeps_no_optimizer_or_model_alive(method, kwargs):
+    """Methods that read the optimizer (the warmup guard its learning rate, SPAM its moments) drop it with the
+    fit."""
+    clipping = GradientClipping(method, **kwargs)
+    model = FusedAdam(fused=False)
+    trainer([clipping]).fit(model, loader())
+    assert clipping.clippers[0].steps == 4
+    ref = weakref.ref(next(model.parameters()))
+    del model
+    gc.collect()
+    assert ref() is None
 
 
 def test_optimizers_option_lets_two_callbacks_clip_a_gan_differently():
@@ -454,6 +458,40 @@ def test_clipping_folded_into_a_fused_optimizer_equals_clip_then_step(method, kw
     for key in ("grad/norm", "grad/norm_clipped", "clip/rate"):
         assert runs[True][1].last_metrics[key] == pytest.approx(runs[False][1].last_metrics[key], rel=1e-5)
     assert not hasattr(runs[True][0].trainer.optimizers[0], "grad_scale")  # cleared after every step
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs", "folded"),
+    [
+        ("norm", {"max_norm": 0.5}, True),
+        ("zclip", {"warmup_steps": 3}, True),
+        ("autoclip", {}, True),
+        ("agc", {"clip_factor": 0.05}, False),
+        ("value", {"clip_value": 0.01}, False),
+    ],
+)
+def test_fp16_with_a_fused_optimizer_equals_the_unfused_run(method, kwargs, folded):
+    """fp16 with a real GradScaler and fused AdamW, whose gradients still carry the loss scale at the hook: global
+    methods measure them, divide the norm by the scaler's scale and hand the coefficient over (the scaler multiplies
+    in its scale); the others have the scaler unscale first. Both give the unfused run's parameters and records,
+    overflow steps (a large initial scale) skipped by the scaler alike."""
+    runs = {}
+    for fused in (True, False):
+        model = FusedAdam(fused=fused)
+        clipping = GradientClipping(method, log_every_n_steps=1, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)  # the first steps overflow in fp16
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+        trainer([clipping], plugins=[plugin], max_epochs=3).fit(model, loader())
+        runs[fused] = (model, clipping, scaler)
+    fused_run, plain_run = runs[True], runs[False]
+    assert fused_run[1].clippers[0].fused == folded and not plain_run[1].clippers[0].fused
+    assert fused_run[2].get_scale() == plain_run[2].get_scale() < 2.0**20  # the same overflows were skipped
+    for (name, a), b in zip(fused_run[0].named_parameters(), plain_run[0].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("grad/norm", "grad/norm_clipped", "clip/nonfinite_steps"):
+        assert fused_run[1].last_metrics[key] == pytest.approx(plain_run[1].last_metrics[key], rel=1e-4), key
+    assert fused_run[1].last_metrics["clip/nonfinite_steps"] > 0
+    assert not hasattr(fused_run[0].trainer.optimizers[0], "grad_scale")
 
 
 def test_a_skip_on_the_fused_path_reads_nothing_and_changes_no_state():

@@ -157,3 +157,37 @@ def test_norm_overflow_counts_as_nonfinite_and_says_so():
     clipper = clipper_for("norm", params, "raise")
     with pytest.raises(NonFiniteGradientError, match=r"a norm beyond float32\) at optimizer step 1 in: layer0.weight"):
         clipper.step()
+
+
+def test_fused_path_under_a_grad_scaler_reads_nothing_and_equals_clip_then_step():
+    """Gradients that still carry a GradScaler's scale (a fused optimizer under fp16): the norm is divided by the
+    scale on the device, and the scaler's step (which multiplies its scale into ``grad_scale``) then equals
+    clipping the unscaled gradients and stepping the unfused optimizer."""
+    fused_params, plain_params = make_params(seed=4), make_params(seed=4)
+    fused = torch.optim.AdamW(fused_params, lr=0.01, fused=True)
+    plain = torch.optim.AdamW(plain_params, lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.ones(()))  # the scale exists once a loss has been scaled
+    for p in fused_params:
+        p.grad *= 1024.0
+    clipper = Clipper(
+        methods.Norm(max_norm=0.5), named(fused_params), optimizer=fused, scaler_checks_nonfinite=True,
+        grad_scaler=scaler,
+    )  # fmt: skip
+    with HostReads() as counter:
+        clipper.step()
+    assert clipper.fused and counter.count == 0
+    scaler.step(fused)
+    torch.nn.utils.clip_grad_norm_(plain_params, 0.5)
+    plain.step()
+    for a, b in zip(fused_params, plain_params):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not hasattr(fused, "grad_scale")
+
+
+def test_a_grad_scaler_needs_a_fused_optimizer():
+    params = make_params(seed=5)
+    scaler = torch.amp.GradScaler("cpu")
+    with pytest.raises(ValueError, match="fused optimizer under fp16"):
+        Clipper(methods.Norm(), named(params), optimizer=torch.optim.SGD(params, lr=0.1), grad_scaler=scaler,
+                scaler_checks_nonfinite=True)  # fmt: skip
