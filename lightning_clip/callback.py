@@ -97,6 +97,7 @@ class GradientClipping(Callback):
         clip_value: float | None = None,
         clip_factor: float | None = None,
         eps: float | None = None,
+        max_update_ratio: float | None = None,
         exclude: str | list[str] | None = None,
         percentile: float | None = None,
         window: int | None = None,

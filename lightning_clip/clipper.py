@@ -1,6 +1,6 @@
 """The clipping engine for one optimizer: measure, threshold, clip, guard, record. Plain PyTorch, no Lightning.
 
-    clipper = Clipper(AGC(clip_factor=0.02), model.named_parameters())
+    clipper = Clipper(AGC(clip_factor=0.02), model.named_parameters(), optimizer=optimizer)
     loss.backward()
     clipper.step()
     optimizer.step()
@@ -35,7 +35,7 @@ from lightning_clip.params import Layout, ParamSet
 from lightning_clip.sharding import FlatShard
 from lightning_clip.spikes import SpikeSkipper
 from lightning_clip.stats import LayerStats
-from lightning_clip.thresholds import GuardedWarmup
+from lightning_clip.thresholds import ReadsLearningRate
 
 NonFinite = Literal["skip", "raise", "ignore"]
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "ignore")
@@ -230,11 +230,12 @@ class Clipper:
             self._device_skips = torch.zeros((), dtype=torch.long)
             self._consecutive = torch.zeros((), dtype=torch.long)
             self._flags: Tensor | None = None  # per tensor: held NaN/Inf since the last report
-        if isinstance(self.policy, GuardedWarmup) and self.policy.reads_learning_rate:
+        if isinstance(self.policy, ReadsLearningRate) and self.policy.reads_learning_rate:
             if optimizer is None:
+                ratio = self.policy.ratio_parameter
                 raise ValueError(
-                    f"method={method.name!r} caps its warmup at a relative update, which reads the learning rate: "
-                    "pass Clipper(..., optimizer=...), or warmup_update_ratio=0 for the paper's warmup"
+                    f"method={method.name!r} bounds a relative update by {ratio}, which reads the learning rate: "
+                    f"pass Clipper(..., optimizer=...), or {ratio}=0 for the paper's method"
                 )
             self.policy.optimizer = optimizer
         if self.operator.reads_optimizer:
@@ -492,7 +493,7 @@ class Clipper:
         """Drop every reference to the parameters (their layouts and gradients), keeping the counters and the
         policy's state: a callback reused over several fits keeps no model of an earlier fit alive."""
         self.params = self._optimizer = self.grad_scaler = None
-        if isinstance(self.policy, GuardedWarmup):
+        if isinstance(self.policy, ReadsLearningRate):
             self.policy.optimizer = None
         if self.operator.reads_optimizer:
             self.operator.bind(None)

@@ -37,6 +37,7 @@ from lightning_clip.thresholds import (
     FixedThreshold,
     ScheduledThreshold,
     ThresholdPolicy,
+    UnitUpdateCap,
     ZClipThreshold,
 )
 
@@ -266,9 +267,18 @@ class AGC(_Scheduled):
     eps: float = parameter(
         1e-3, _positive, "floor on the unit parameter norm, so zero-initialised parameters can still learn (> 0)"
     )
+    max_update_ratio: float = parameter(
+        1e-3,
+        _non_negative,
+        "the clip factor is also at most this divided by the learning rate (the optimizer's largest), so that a plain "
+        "SGD step changes a unit by at most this fraction of its norm at any rate; 0: the paper's AGC",
+    )
 
     def build(self):
-        return self._threshold(self.clip_factor), UnitwiseClip(self.eps)
+        policy = self._threshold(self.clip_factor)
+        if self.max_update_ratio:
+            policy = UnitUpdateCap(policy, self.max_update_ratio)
+        return policy, UnitwiseClip(self.eps)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -88,21 +88,55 @@ def update_guard(layout: Layout, like: Tensor, update_ratio: float, lr: float | 
     return update_ratio * torch.linalg.vector_norm(norms).clamp(min=PARAMETER_FLOOR) / lr
 
 
-class GuardedWarmup:
-    """Mixed into the policies whose warmup :func:`update_guard` caps: they read the learning rate from the optimizer
-    the clipper binds (``optimizer``) when their ``update_ratio`` is set."""
+class ReadsLearningRate:
+    """Mixed into the policies that bound a relative update ``lr * ||g|| / ||W||`` by ``update_ratio``: they read
+    the learning rate from the optimizer the clipper binds (``optimizer``) when ``update_ratio`` is set.
+    ``ratio_parameter`` names the method parameter that sets it, for messages."""
 
     update_ratio: float = 0.0
+    ratio_parameter: str = "warmup_update_ratio"
     optimizer: torch.optim.Optimizer | None = None
 
     @property
     def reads_learning_rate(self) -> bool:
         return bool(self.update_ratio)
 
-    def _guard(self, layout: Layout, like: Tensor) -> Tensor:
+    def _learning_rate(self) -> float | Tensor:
         if self.optimizer is None:
-            raise RuntimeError("the warmup guard reads the learning rate: bind the policy's optimizer first")
-        return update_guard(layout, like, self.update_ratio, learning_rate(self.optimizer))
+            raise RuntimeError(f"{self.ratio_parameter} reads the learning rate: bind the policy's optimizer first")
+        return learning_rate(self.optimizer)
+
+    def _guard(self, layout: Layout, like: Tensor) -> Tensor:
+        return update_guard(layout, like, self.update_ratio, self._learning_rate())
+
+
+class UnitUpdateCap(ReadsLearningRate, ThresholdPolicy):
+    """AGC's clip factor capped at ``update_ratio / lr``: each unit's gradient norm is at most ``update_ratio`` times
+    its parameter norm divided by the learning rate, so that a plain SGD step changes a unit by at most that
+    fraction of its norm. Brock et al. 2021 (section 4.1) motivate AGC by this relative update, ``||dW_i|| /
+    ||W_i|| = lr * ||G_i|| / ||W_i||``, and note that the best clip factor depends on the learning rate; the cap
+    makes the bound follow it. ``inner`` is the clip factor's own policy (fixed or scheduled)."""
+
+    ratio_parameter = "max_update_ratio"
+
+    def __init__(self, inner: ThresholdPolicy, update_ratio: float) -> None:
+        self.inner, self.update_ratio = inner, update_ratio
+
+    def threshold(self, layout: Layout, measured: Measured | None) -> Threshold:
+        factor = self.inner.threshold(layout, measured)
+        lr = self._learning_rate()
+        if isinstance(lr, Tensor) or isinstance(factor, Tensor):
+            return torch.minimum(torch.as_tensor(factor), self.update_ratio / torch.as_tensor(lr))
+        return min(factor, self.update_ratio / lr) if lr > 0 else factor
+
+    def observe(self, layout, measured, applied, finite) -> None:
+        self.inner.observe(layout, measured, applied, finite)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
@@ -167,7 +201,7 @@ class DelayedThreshold(ScheduledThreshold):
         return self.value if self.step + 1 >= self.delay else math.inf
 
 
-class AutoClipThreshold(GuardedWarmup, ThresholdPolicy):
+class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
     """AutoClip (Seetharaman et al. 2020, "AutoClip: Adaptive Gradient Clipping for Source Separation Networks"):
     the threshold is the ``percentile``-th percentile of the history of global gradient norms, the current step's
     included. The paper keeps the whole history; here it is a ring buffer of the last ``window`` finite norms on the
@@ -236,7 +270,7 @@ class AutoClipThreshold(GuardedWarmup, ThresholdPolicy):
         self.count = state["count"].clone()
 
 
-class ZClipThreshold(GuardedWarmup, ThresholdPolicy):
+class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
     """ZClip (Kumar et al. 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"): EMA estimates of the
     mean and variance of the global gradient norm; a norm whose z-score exceeds ``z_thresh`` is a spike and is
     clipped. As in the paper's reference code:
@@ -376,7 +410,7 @@ class ZClipThreshold(GuardedWarmup, ThresholdPolicy):
         self.mean, self.var = state["mean"].clone(), state["var"].clone()
 
 
-class AdaGCThreshold(GuardedWarmup, ThresholdPolicy):
+class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
     """AdaGC (Wang et al. 2025, "AdaGC: Improving Training Stability for Large Language Model Pretraining"): one
     threshold per parameter tensor, an EMA of that tensor's clipped gradient norm (to be used with per-tensor
     clipping):

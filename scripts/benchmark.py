@@ -99,7 +99,7 @@ def clipper(
         methods.from_arguments(method, kwargs),
         zip(names(params), params),
         flat_shards=flat_shards,
-        optimizer=optimizer,
+        optimizer=optimizer or torch.optim.SGD(params, lr=0.1),  # the adaptive methods read its learning rate
         nonfinite=nonfinite,
         skip_spikes=skip_spikes,
         track_max=track_max,

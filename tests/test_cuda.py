@@ -74,7 +74,9 @@ def test_spam_on_cuda_matches_cpu():
 @pytest.mark.parametrize(("method", "kwargs"), [("norm", {}), ("agc", {}), ("zclip", {}), ("adagc", {})])
 def test_no_host_sync_with_ignore_on_cuda(method, kwargs):
     params = [torch.nn.Parameter(torch.randn(256, 256, device="cuda")) for _ in range(8)]
-    clipper = Clipper(methods.from_arguments(method, kwargs), zip(map(str, range(8)), params), nonfinite="ignore")
+    optimizer = torch.optim.SGD(params, lr=0.1)  # the adaptive methods read its rate: a host float, no sync
+    method = methods.from_arguments(method, kwargs)
+    clipper = Clipper(method, zip(map(str, range(8)), params), optimizer=optimizer, nonfinite="ignore")
     for p in params:
         p.grad = torch.randn_like(p)
     clipper.step()
@@ -97,7 +99,9 @@ def test_per_tensor_scaling_on_cuda_matches_cpu(method, kwargs):
     out = {}
     for device in ("cpu", "cuda"):
         params = [torch.nn.Parameter(torch.ones(s, device=device)) for s in shapes]
-        clipper = Clipper(methods.from_arguments(method, kwargs), zip("abcd", params), nonfinite="ignore")
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        method_object = methods.from_arguments(method, kwargs)
+        clipper = Clipper(method_object, zip("abcd", params), optimizer=optimizer, nonfinite="ignore")
         for step in range(3):
             for p, g in zip(params, grads):
                 p.grad = g.to(device) * (step + 1)

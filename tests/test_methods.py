@@ -10,7 +10,8 @@ SCHEDULE = {"schedule": "constant", "schedule_steps": 1000, "schedule_factor": 0
 
 
 def test_defaults_are_filled_in():
-    assert from_arguments("agc", {}).params() == {"exclude": [], "clip_factor": 0.01, "eps": 1e-3, **SCHEDULE}
+    expected = {"exclude": [], "clip_factor": 0.01, "eps": 1e-3, **SCHEDULE, "max_update_ratio": 1e-3}
+    assert from_arguments("agc", {}).params() == expected
     assert from_arguments("norm", {"norm_type": "inf"}) == Norm(norm_type=math.inf)
     assert from_arguments("none", {"max_norm": None}).params() == {"exclude": []}
     assert AGC(exclude="head").exclude == ("head",)

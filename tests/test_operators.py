@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from helpers import agc_reference, apply, clone_grads, make_params, named, timm_style_agc
+from lightning_clip.clipper import Clipper
+from lightning_clip.methods import AGC
 from lightning_clip.operators import GlobalNormClip, NoClip, TensorNormClip, UnitwiseClip, ValueClip
 from lightning_clip.params import ParamSet
 from lightning_clip.thresholds import FixedThreshold
@@ -64,6 +66,37 @@ def test_agc_matches_paper_formula_in_float64(clip_factor):
     expected = agc_reference(params, clip_factor, 1e-3)
     apply(FixedThreshold(clip_factor), UnitwiseClip(eps=1e-3), params)
     for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(("lr", "effective"), [(0.01, 0.02), (0.1, 0.01), (3.0, 1e-3 / 3.0), (0.0, 0.02)])
+def test_agc_update_cap_is_agc_at_the_smaller_of_clip_factor_and_ratio_over_lr(lr, effective):
+    """AGC's default max_update_ratio (1e-3): the paper's formula (float64) at min(clip_factor, 1e-3 / lr), the
+    optimizer's rate read at each step (a rate of 0 moves nothing and leaves the clip factor)."""
+    params = make_params(seed=6)
+    expected = agc_reference(params, effective, 1e-3)
+    optimizer = torch.optim.SGD(params, lr=lr)
+    Clipper(AGC(clip_factor=0.02), named(params), optimizer=optimizer, nonfinite="ignore").step()
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
+
+
+def test_agc_update_cap_follows_a_scheduler_and_is_off_at_zero():
+    params, paper = make_params(seed=8), make_params(seed=8)
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    clipper = Clipper(AGC(clip_factor=0.02), named(params), optimizer=optimizer, nonfinite="ignore")
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.01)
+    clipper.step()  # lr 1.0: the cap, 1e-3
+    scheduler.step()
+    for p, g in zip(params, make_params(seed=9)):
+        p.grad = g.grad.clone()
+    expected = agc_reference(params, 0.02, 1e-3)  # lr 0.01: the cap is 0.1, the clip factor rules
+    clipper.step()
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
+    expected = agc_reference(paper, 0.02, 1e-3)
+    Clipper(AGC(clip_factor=0.02, max_update_ratio=0.0), named(paper), nonfinite="ignore").step()  # no optimizer
+    for p, g in zip(paper, expected):
         torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
 
 
