@@ -285,6 +285,20 @@ class StudyTable(HydraCallback):
             print(f"study results         {written[0]}")
 
 
+def _against_best(row: dict[str, Any] | None) -> str:
+    """A summary cell: final loss / best fixed threshold's, "div p" where a fraction p of seeds diverged."""
+    if row is None:
+        return "n/a"
+    if row["divergence rate"] > 0:
+        return f"div {row['divergence rate']:.2g}"
+    return f"{row['loss / best fixed']:.2f}"
+
+
+def _best_fixed(rows: list[dict[str, Any]]) -> str:
+    best = [r for r in rows if r.get("best fixed")]
+    return f"{best[0]['method']} {best[0]['setting']} ({best[0]['final loss']:.3g})" if best else "-"
+
+
 def summary(rows: list[dict[str, Any]]) -> str:
     """A markdown table, one line per task at the base learning rate: the best fixed threshold, then each
     configuration that needs no threshold as (final loss / best fixed threshold's), "div" where a seed diverged."""
@@ -294,17 +308,24 @@ def summary(rows: list[dict[str, Any]]) -> str:
     lines = ["| task | best fixed threshold (loss) | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for task in sorted({r["task"] for r in base}):
         same = {(r["method"], r["setting"]): r for r in base if r["task"] == task}
-        best = [r for r in same.values() if r.get("best fixed")]
-        cells = [f"{best[0]['method']} {best[0]['setting']} ({best[0]['final loss']:.3g})" if best else "-"]
-        for key in adaptive:
-            row = same.get(key)
-            if row is None:
-                cells.append("n/a")
-            elif row["divergence rate"] > 0:
-                cells.append(f"div {row['divergence rate']:.2g}")
-            else:
-                cells.append(f"{row['loss / best fixed']:.2f}")
+        cells = [_best_fixed(list(same.values()))] + [_against_best(same.get(key)) for key in adaptive]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def defaults_at_every_rate(rows: list[dict[str, Any]]) -> str:
+    """A markdown table, one line per task and learning-rate multiple at which a fixed threshold trains: the best
+    fixed threshold there, then each adaptive method with its defaults against it ("div p": seeds diverged)."""
+    methods = sorted({r["method"] for r in rows if r["setting"] == "defaults" and r["method"] not in FIXED + ("none",)})
+    lines = ["| task | lr x | best fixed threshold (loss) | " + " | ".join(methods) + " |"]
+    lines.append("|---|---|---|" + "---|" * len(methods))
+    for task, rate in sorted({(r["task"], r["lr x"]) for r in rows}):
+        same = [r for r in rows if r["task"] == task and r["lr x"] == rate]
+        if not any(r.get("best fixed") for r in same):
+            continue
+        defaults = {r["method"]: r for r in same if r["setting"] == "defaults"}
+        cells = [_best_fixed(same)] + [_against_best(defaults.get(m)) for m in methods]
+        lines.append(f"| {task} | {rate:g} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -314,5 +335,5 @@ def main_tables(sweeps: list[Path], directory: Path) -> list[Path]:
     results = [json.loads(p.read_text()) for sweep in sweeps for p in sorted(Path(sweep).glob("*/result.json"))]
     directory.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)
-    (directory / "summary.md").write_text(summary(rows) + "\n")
+    (directory / "summary.md").write_text(summary(rows) + "\n\n" + defaults_at_every_rate(rows) + "\n")
     return [*write_tables(rows, directory), directory / "summary.md"]

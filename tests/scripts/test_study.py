@@ -48,14 +48,14 @@ def test_every_study_task_builds_the_optimizer_it_names():
 
 def test_the_best_fixed_configuration_is_marked_whatever_its_method():
     """``tensor_norm`` at its default has no threshold value in its cell, and can still be the best fixed one."""
-    from lightning_clip.study import aggregate, summary
+    from lightning_clip.study import aggregate, defaults_at_every_rate, summary
 
-    def result(cell, threshold, loss, diverged=False):
+    def result(cell, threshold, loss, diverged=False, lr_scale=1.0):
         return {
             "task": "t",
             "cell": cell,
             "seed": 0,
-            "lr_scale": 1.0,
+            "lr_scale": lr_scale,
             "threshold": threshold,
             "diverged": diverged,
             "final_loss": loss,
@@ -70,9 +70,20 @@ def test_the_best_fixed_configuration_is_marked_whatever_its_method():
             result({"method": "tensor_norm"}, None, 0.2),
             result({"method": "value", "clip_value": 0.01}, 0.01, 0.1, diverged=True),
             result({"method": "agc"}, None, 0.3),
+            result({"method": "zclip"}, None, 0.25),
+            result({"method": "norm", "max_norm": 1.0}, 1.0, 0.4, lr_scale=3),
+            result({"method": "agc"}, None, 0.8, lr_scale=3),
+            result({"method": "zclip"}, None, 0.9, diverged=True, lr_scale=3),
+            result({"method": "norm", "max_norm": 1.0}, 1.0, 0.4, diverged=True, lr_scale=10),  # nothing fixed trains
+            result({"method": "agc"}, None, 0.8, lr_scale=10),
         ]
     )
-    best = [(r["method"], r["setting"]) for r in rows if r.get("best fixed")]
-    assert best == [("tensor_norm", "defaults")]
-    assert {r["method"]: r["loss / best fixed"] for r in rows}["agc"] == 0.3 / 0.2
-    assert "| t | tensor_norm defaults (0.2) | 1.50 |" in summary(rows)
+    best = [(r["method"], r["setting"], r["lr x"]) for r in rows if r.get("best fixed")]
+    assert best == [("tensor_norm", "defaults", 1.0), ("norm", "max_norm=1.0", 3)]
+    assert {r["method"]: r["loss / best fixed"] for r in rows if r["lr x"] == 1.0}["agc"] == 0.3 / 0.2
+    assert "| t | tensor_norm defaults (0.2) | 1.50 | 1.25 |" in summary(rows)
+    # every rate where a fixed threshold trains: each method's defaults against the best fixed there
+    assert defaults_at_every_rate(rows).splitlines()[2:] == [
+        "| t | 1 | tensor_norm defaults (0.2) | 1.50 | 1.25 |",
+        "| t | 3 | norm max_norm=1.0 (0.4) | 2.00 | div 1 |",
+    ]
