@@ -331,8 +331,15 @@ def defaults_at_every_rate(rows: list[dict[str, Any]]) -> str:
 
 def main_tables(sweeps: list[Path], directory: Path) -> list[Path]:
     """The tables of the results of several sweeps (the study's chunks) together, in ``directory``, with
-    ``summary.md``."""
-    results = [json.loads(p.read_text()) for sweep in sweeps for p in sorted(Path(sweep).glob("*/result.json"))]
+    ``summary.md``. A run of a later sweep replaces a run of the same cell (task, learning rate, configuration,
+    seed) in an earlier one: a chunk rerun after a change supersedes what it reran."""
+    latest: dict[tuple, dict[str, Any]] = {}
+    for sweep in sweeps:
+        for path in sorted(Path(sweep).glob("*/result.json")):
+            result = json.loads(path.read_text())
+            cell = json.dumps(result["cell"], sort_keys=True)
+            latest[(result["task"], float(result["lr_scale"]), cell, result["seed"])] = result
+    results = list(latest.values())
     directory.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)
     (directory / "summary.md").write_text(summary(rows) + "\n\n" + defaults_at_every_rate(rows) + "\n")

@@ -87,3 +87,22 @@ def test_the_best_fixed_configuration_is_marked_whatever_its_method():
         "| t | 1 | tensor_norm defaults (0.2) | 1.50 | 1.25 |",
         "| t | 3 | norm max_norm=1.0 (0.4) | 2.00 | div 1 |",
     ]
+
+
+def test_a_later_sweep_replaces_the_runs_it_reran(tmp_path):
+    """``--merge`` keeps, for each cell (task, rate, configuration, seed), the run of the last sweep that has it."""
+    from lightning_clip.study import main_tables
+
+    def write(sweep, job, cell, loss):
+        (tmp_path / sweep / job).mkdir(parents=True)
+        result = {"task": "t", "cell": cell, "seed": 0, "lr_scale": 1.0, "threshold": None, "diverged": False,
+                  "final_loss": loss, "accuracy": float("nan"), "loss_spikes": 0, "seconds_per_step": 1.0}  # fmt: skip
+        (tmp_path / sweep / job / "result.json").write_text(json.dumps(result))
+
+    write("first", "0", {"method": "norm", "max_norm": 1.0}, 0.5)
+    write("first", "1", {"method": "agc"}, 9.0)
+    write("rerun", "0", {"method": "agc"}, 0.25)
+    main_tables([tmp_path / "first", tmp_path / "rerun"], tmp_path / "out")
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
+    assert float(rows["agc"]["final loss"]) == 0.25 and rows["agc"]["seeds"] == "1"
+    assert float(rows["norm"]["final loss"]) == 0.5
