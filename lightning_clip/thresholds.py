@@ -66,9 +66,17 @@ def learning_rate(optimizer: torch.optim.Optimizer) -> float | Tensor:
     """The largest learning rate among the optimizer's parameter groups, read as it is now (a scheduler changes it
     between steps); a tensor when a group holds its rate as one (no host read)."""
     rates = [group["lr"] for group in optimizer.param_groups]
-    if any(isinstance(rate, Tensor) for rate in rates):
-        return torch.stack([torch.as_tensor(rate, dtype=torch.float32).reshape(()) for rate in rates]).max()
+    held = [rate for rate in rates if isinstance(rate, Tensor)]
+    if held:
+        return torch.stack([_device_scalar(rate, held[0].device) for rate in rates]).max()
     return max(rates)
+
+
+def _device_scalar(value: float | Tensor, device: torch.device) -> Tensor:
+    """A 0-d float32 tensor on ``device``; a host float is filled in there, not copied (a copy may synchronise)."""
+    if isinstance(value, Tensor):
+        return value.to(device, torch.float32).reshape(())
+    return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def update_guard(layout: Layout, like: Tensor, update_ratio: float, lr: float | Tensor) -> Tensor:
@@ -84,8 +92,8 @@ def update_guard(layout: Layout, like: Tensor, update_ratio: float, lr: float | 
     norms = tensor_norms(layout, layout.local_params(), 2.0).to(like)
     if layout.clip_mask is not None:
         norms = torch.where(layout.clip_mask.to(norms.device), norms, 0.0)
-    lr = lr.to(like) if isinstance(lr, Tensor) else torch.tensor(float(lr), dtype=like.dtype, device=like.device)
-    return update_ratio * torch.linalg.vector_norm(norms).clamp(min=PARAMETER_FLOOR) / lr
+    limit = update_ratio * torch.linalg.vector_norm(norms).clamp(min=PARAMETER_FLOOR)
+    return limit / (lr.to(like) if isinstance(lr, Tensor) else lr)  # a host float: no copy to the device
 
 
 class ReadsLearningRate:
@@ -126,7 +134,8 @@ class UnitUpdateCap(ReadsLearningRate, ThresholdPolicy):
         factor = self.inner.threshold(layout, measured)
         lr = self._learning_rate()
         if isinstance(lr, Tensor) or isinstance(factor, Tensor):
-            return torch.minimum(torch.as_tensor(factor), self.update_ratio / torch.as_tensor(lr))
+            device = (lr if isinstance(lr, Tensor) else factor).device
+            return torch.minimum(_device_scalar(factor, device), self.update_ratio / _device_scalar(lr, device))
         return min(factor, self.update_ratio / lr) if lr > 0 else factor
 
     def observe(self, layout, measured, applied, finite) -> None:

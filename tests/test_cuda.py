@@ -112,3 +112,24 @@ def test_per_tensor_scaling_on_cuda_matches_cpu(method, kwargs):
     if method != "adagc":
         assert torch.equal(out["cuda"][3], grads[3] * 3)  # 1e-3 scale: never clipped
     assert not torch.equal(out["cuda"][0], grads[0] * 3)  # 10x scale: clipped
+
+
+@pytest.mark.parametrize("method", ["agc", "zclip", "adagc"])
+def test_a_learning_rate_held_on_the_gpu_is_read_without_a_sync(method):
+    """A rate held in a CUDA tensor (capturable and fused optimizers allow it): AGC's cap and the warmup caps are
+    computed on the device, with the rate of a float group beside it."""
+    params = [torch.nn.Parameter(torch.randn(64, 64, device="cuda")) for _ in range(4)]
+    optimizer = torch.optim.SGD([{"params": params[:2], "lr": 0.1}, {"params": params[2:], "lr": 0.1}])
+    optimizer.param_groups[1]["lr"] = torch.tensor(0.3, device="cuda")
+    clipper = Clipper(methods.from_arguments(method, {}), zip("abcd", params), optimizer=optimizer, nonfinite="ignore")
+    for p in params:
+        p.grad = torch.randn_like(p) * 100
+    clipper.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            clipper.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(p.grad).all() for p in params)

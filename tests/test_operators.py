@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from helpers import agc_reference, apply, clone_grads, make_params, named, timm_style_agc
+from helpers import HostReads, agc_reference, apply, clone_grads, make_params, named, timm_style_agc
 from lightning_clip.clipper import Clipper
 from lightning_clip.methods import AGC
 from lightning_clip.operators import GlobalNormClip, NoClip, TensorNormClip, UnitwiseClip, ValueClip
@@ -241,3 +241,19 @@ def test_spam_waits_for_its_warmup_and_needs_the_optimizer():
     assert clipped == [False, False, True, True]  # from the 3rd step on, as the reference's step >= grad_accu_steps
     with pytest.raises(ValueError, match="reads the optimizer's state"):
         Clipper(SPAM(), [("w", p)])
+
+
+def test_agc_update_cap_reads_a_rate_held_in_a_tensor_without_a_host_read():
+    """fused/capturable optimizers may hold their rate in a tensor: the cap is then computed on the device."""
+    params = make_params(seed=10)
+    optimizer = torch.optim.SGD([{"params": params[:2], "lr": 0.5}, {"params": params[2:], "lr": torch.tensor(3.0)}])
+    clipper = Clipper(AGC(clip_factor=0.02), named(params), optimizer=optimizer, nonfinite="ignore")
+    clipper.step()  # the first step builds the layout
+    for p, r in zip(params, make_params(seed=11)):
+        p.grad = r.grad.clone()
+    expected = agc_reference(params, 1e-3 / 3.0, 1e-3)  # the largest rate of the groups
+    with HostReads() as counter:
+        clipper.step()
+    assert counter.count == 0
+    for p, g in zip(params, expected):
+        torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
