@@ -11,6 +11,10 @@ at a high rate, SGD takes those gradients at full size and the run explodes.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ClassVar
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -128,6 +132,8 @@ class GRULM(ByteLM):
     ``hidden`` units, a linear read-out; the same text and windows as :class:`TinyTransformerLM`. Gates keep its
     gradients better behaved than a tanh RNN's, so it explodes only at a high rate (SGD with momentum here)."""
 
+    unit: ClassVar[Callable[..., torch.nn.Module]] = torch.nn.GRU
+
     def __init__(
         self,
         hidden: int = 128,
@@ -141,8 +147,16 @@ class GRULM(ByteLM):
         self.save_hyperparameters()
         torch.manual_seed(seed)
         self.embed = torch.nn.Embedding(256, 64)
-        self.rnn = torch.nn.GRU(64, hidden, layers, batch_first=True)
+        self.rnn = self.unit(64, hidden, layers, batch_first=True)
         self.head = torch.nn.Linear(hidden, 256)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.head(self.rnn(self.embed(tokens))[0])
+
+
+class TanhRNNLM(GRULM):
+    """A byte-level Elman RNN language model (tanh units, no gates): the char-level RNN language model of Pascanu et
+    al. 2013's clipping experiments, here on the same text and windows as :class:`GRULM`. Without gates its
+    gradients explode at a moderate rate (SGD with momentum)."""
+
+    unit = staticmethod(functools.partial(torch.nn.RNN, nonlinearity="tanh"))

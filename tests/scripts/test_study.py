@@ -36,7 +36,7 @@ def test_every_study_task_builds_the_optimizer_it_names():
 
     conf = SCRIPT.parents[1] / "conf"
     names = sorted(p.stem for p in (conf / "task").glob("*.yaml"))
-    assert {"cnn_adamw", "textlm_adamw", "gru", "cnn"} <= set(names)
+    assert {"cnn_adamw", "textlm_adamw", "gru", "cnn", "rnnlm"} <= set(names)
     expected = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
     with initialize_config_dir(str(conf), version_base="1.3"):
         for name in names:
