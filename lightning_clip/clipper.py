@@ -301,7 +301,7 @@ class Clipper:
         if self.track_max:
             self._track_max(layout, l2)
         if self.fused:
-            return self._folded_step(layout, grads, measured, l2 if record else None, histogram)
+            return self._folded_step(layout, grads, measured, l2 if record else None, histogram, unscale)
         if self.reads_host:
             proceed, levels = finite, None
             if self.spikes is not None:
@@ -333,7 +333,13 @@ class Clipper:
         return self._record(layout, grad_norms, clipped_norms, reported, before)
 
     def _folded_step(
-        self, layout: Layout, grads: list[Tensor], measured: Measured, grad_norms: Tensor | None, histogram: bool
+        self,
+        layout: Layout,
+        grads: list[Tensor],
+        measured: Measured,
+        grad_norms: Tensor | None,
+        histogram: bool,
+        unscale: Tensor | None,
     ) -> StepRecord | None:
         """The fused-optimizer path: the clip coefficient becomes the optimizer's ``grad_scale`` (its kernel divides
         the gradients by it as it reads them) and the skip decision its ``found_inf`` (the kernel then leaves
@@ -352,8 +358,8 @@ class Clipper:
         self._flags = flags if self._flags is None or self._flags.shape != flags.shape else self._flags | flags
         record = grad_norms is not None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
-        if "grad_max" in before and scaled:
-            before["grad_max"] = before["grad_max"] * self._unscale_factor().to(before["grad_max"])
+        if "grad_max" in before and unscale is not None:
+            before["grad_max"] = before["grad_max"] * unscale.to(before["grad_max"])
         threshold = self.policy.threshold(layout, measured)
         reported = self.policy.reported(threshold) if record else threshold
         coef = torch.clamp(threshold / (measured.total + NORM_EPS), max=1.0).float()
