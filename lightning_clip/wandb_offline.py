@@ -21,6 +21,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 
 def records(path: Path):
+    """The complete records in the file, in order; a record still being written at its end is left out."""
     data = Path(path).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path} is not a W&B run file")
@@ -34,6 +35,8 @@ def records(path: Path):
         if kind == 0 and length == 0:  # zero padding at the end of a block
             pos += room
             continue
+        if pos + HEADER + length > len(data):  # the writer is still writing this record: it is not one yet
+            return
         payload = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
@@ -63,8 +66,10 @@ class Run:
 
 
 def run_files(directory: Path) -> list[Path]:
-    """The offline run files under ``directory``, oldest first."""
-    return sorted(Path(directory).glob("**/offline-run-*/run-*.wandb"))
+    """The offline run files in ``directory`` (a run directory) or under it, oldest first."""
+    directory = Path(directory)
+    inside = directory.glob("run-*.wandb") if directory.name.startswith("offline-run-") else []
+    return sorted([*inside, *directory.glob("**/offline-run-*/run-*.wandb")])
 
 
 def read_run(wandb_dir: Path) -> Run:
@@ -111,8 +116,10 @@ def _parse(path: Path) -> Run:
                 run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "metric":
             run.metrics[record.metric.name or record.metric.glob_name] = record.metric
-        elif kind == "run":
+        elif kind == "run":  # holds the config given to wandb.init
             run.group, run.name = record.run.run_group, record.run.display_name
+            for item in record.run.config.update:
+                run.config[_key(item)] = json.loads(item.value_json)
         elif kind == "summary":
             for item in record.summary.update:
                 run.summary[_key(item)] = json.loads(item.value_json)
