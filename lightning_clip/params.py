@@ -65,7 +65,7 @@ class Layout:
     The last fields cache what other modules derive once from the static layout, each written by one module:
     ``held_index`` (operators: where a run's held tensors go), ``unitwise`` (operators: AGC's split of each run),
     ``layer_indices`` (stats: the layer of each tensor, per grouping), ``state_index`` (thresholds: ``indices`` as
-    a device tensor).
+    a device tensor), ``factor_slots`` (operators: buffers for per-tensor factors and their views).
 
     ``held`` lists, for each run that has any, the positions within the run of the tensors this rank holds
     elements of: a sharded tensor may have none here (FSDP1 places a parameter in one or two ranks' flat shards; a
@@ -86,6 +86,7 @@ class Layout:
     unitwise: list[Any] | None = None
     layer_indices: dict[Any, Any] = field(default_factory=dict)
     state_index: Tensor | None = None
+    factor_slots: dict[Any, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -184,7 +185,10 @@ class ParamSet:
 
     def layout(self) -> Layout | None:
         """The layout of the parameters that hold a gradient now, or ``None`` when none does."""
-        missing = tuple(i for i, p in enumerate(self.params) if self._missing(p))
+        if self.flat_shards:
+            missing = tuple(i for i, p in enumerate(self.params) if self._missing(p))
+        else:  # the common case, in one pass with no call per parameter (host time)
+            missing = tuple(i for i, p in enumerate(self.params) if p.grad is None)
         layout = self._layouts.get(missing)
         if layout is None:
             skipped = set(missing)

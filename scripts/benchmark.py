@@ -8,6 +8,7 @@
     python scripts/benchmark.py --fsdp2         # 2 processes (gloo): sharded norm vs clip_grad_norm_ on DTensors
     python scripts/benchmark.py --fsdp1         # 2 processes (gloo): FSDP1 flat shards vs FSDP's own clip_grad_norm_
     python scripts/benchmark.py --fused         # clipping folded into a fused AdamW step vs clip_grad_norm_ + step
+    python scripts/benchmark.py --methods       # every method: host time vs clip_grad_norm_, peak extra memory
     python scripts/benchmark.py --device cuda   # the same tables on a GPU (synchronised timing, host syncs counted)
 
 Each row times our engine (``Clipper.step``, what ``GradientClipping`` runs in ``on_before_optimizer_step``) and its
@@ -641,6 +642,68 @@ def fused_ratio(params, repeats: int, scaled: bool = False) -> float:
     return cost_ours / cost_theirs
 
 
+#: Every method at its defaults (the adaptive ones past a one-step warmup), for the per-method table.
+EVERY_METHOD = [
+    ("norm", {}),
+    ("value", {"clip_value": 0.01}),
+    ("tensor_norm", {}),
+    ("agc", {}),
+    ("autoclip", {"warmup_steps": 1}),
+    ("zclip", {"warmup_steps": 1}),
+    ("adagc", {"warmup_steps": 1}),
+    ("spam", {"warmup_steps": 1}),
+]
+
+
+def peak_extra_bytes(fn: Callable[[], object], params) -> int:
+    """The most memory ``fn`` holds at once beyond what existed before it (its temporaries), on the benchmark's
+    device: on a GPU from the allocator's peak, on CPU from the profiler's allocation and free events in order."""
+    refill(params, torch.Generator(device=DEVICE).manual_seed(2))
+    fn()  # layouts and state are built on the first call
+    refill(params, torch.Generator(device=DEVICE).manual_seed(3))
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def method_table(repeats: int) -> None:
+    """Every method against ``clip_grad_norm_``: host time per call on 2000 tiny tensors, and the peak memory it
+    allocates on the 200-tensor model (25M parameters, 100 MB of fp32 gradients)."""
+    tiny, large = make_model(MODELS["2000 tiny tensors (host time)"]), make_model(MODELS["200 tensors / 25M"])
+    gradient_bytes = sum(p.numel() * p.element_size() for p in large)
+
+    def engine(method, params, nonfinite, kwargs):
+        optimizer = adam_with_moments(params) if method == "spam" else None
+        return clipper(method, params, nonfinite, optimizer=optimizer, **kwargs)
+
+    def torch_norm(params):
+        return lambda: torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+
+    print("| method | nonfinite | host time / clip_grad_norm_ (2000 tiny tensors) | peak extra memory, MB (25M) |")
+    print("|---|---|---|---|")
+    print(f"| clip_grad_norm_(foreach=True) | | 1.00 | {peak_extra_bytes(torch_norm(large), large) / 1e6:.3f} |")
+    for method, kwargs in EVERY_METHOD:
+        for nonfinite in ("ignore", "skip"):
+            host = time_pair(engine(method, tiny, nonfinite, kwargs), torch_norm(tiny), tiny, repeats)
+            extra = peak_extra_bytes(engine(method, large, nonfinite, kwargs), large)
+            share = f"{extra / gradient_bytes:.2f} of the gradients"
+            print(f"| {method} | {nonfinite} | {host:.2f} | {extra / 1e6:.3f} ({share}) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=15)
@@ -655,6 +718,9 @@ def main() -> None:
     parser.add_argument("--fsdp2", action="store_true", help="time clipping of FSDP2 (DTensor) gradients")
     parser.add_argument("--fsdp1", action="store_true", help="time clipping of FSDP1 (flat-shard) gradients")
     parser.add_argument("--fused", action="store_true", help="time clipping folded into a fused optimizer step")
+    parser.add_argument(
+        "--methods", action="store_true", help="every method: host time against clip_grad_norm_, peak extra memory"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--steps", type=int, default=60, help="with --training: steps per run")
     parser.add_argument("--rounds", type=int, default=3, help="with --training: runs per variant")
@@ -664,6 +730,9 @@ def main() -> None:
     DEVICE = torch.device(args.device)
     if args.fused:
         fused_table(args.repeats)
+        return
+    if args.methods:
+        method_table(args.repeats)
         return
     if args.training:
         training_table(args.steps, args.rounds)

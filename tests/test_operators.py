@@ -5,7 +5,7 @@ import torch
 
 from helpers import HostReads, agc_reference, apply, clone_grads, make_params, named, timm_style_agc
 from lightning_clip.clipper import Clipper
-from lightning_clip.methods import AGC
+from lightning_clip.methods import AGC, TensorNorm
 from lightning_clip.operators import GlobalNormClip, NoClip, TensorNormClip, UnitwiseClip, ValueClip
 from lightning_clip.params import ParamSet
 from lightning_clip.thresholds import FixedThreshold
@@ -257,3 +257,78 @@ def test_agc_update_cap_reads_a_rate_held_in_a_tensor_without_a_host_read():
     assert counter.count == 0
     for p, g in zip(params, expected):
         torch.testing.assert_close(p.grad.double(), g, rtol=1e-5, atol=1e-9)
+
+
+REPEATED = [(8, 8), (8,), (3, 4, 2, 2), (8, 8), (), (70, 70), (8,), (3, 4, 2, 2), (8, 8), (), (70, 70), (5,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_agc_stacks_small_tensors_of_one_shape_and_clips_as_the_paper_and_the_plain_path(dtype, monkeypatch):
+    """Small tensors sharing a shape (matrices, conv kernels, vectors, scalars) have their unit norms taken over
+    their stack (one kernel), large ones (70x70 > STACK_MAX_NUMEL) alone; both against the float64 formula and the
+    plain one-kernel-per-tensor path, over steps with new gradients (the factor buffers are reused), with an
+    excluded tensor among the stacked ones."""
+    from lightning_clip import operators
+
+    names = [f"layer{i}.weight" for i in range(len(REPEATED))]
+    stacked_params = make_params(REPEATED, seed=11, dtype=dtype, grad_scale=30.0, zero_params=(1,))
+    plain_params = make_params(REPEATED, seed=11, dtype=dtype, grad_scale=30.0, zero_params=(1,))
+    method = AGC(clip_factor=0.01, max_update_ratio=0.0, exclude=("layer3",))
+    stacked = Clipper(method, zip(names, stacked_params), nonfinite="ignore")
+    layout = stacked.params.layout()
+    split = UnitwiseClip()._split(layout, torch.device("cpu"), layout.groups[0][1])
+    assert (
+        sorted(len(p) for g in split.groups for p in g.parts) == [1, 1, 2, 2] and max(map(len, split.vector_parts)) == 2
+    )
+    monkeypatch.setattr(operators, "STACK_MAX_NUMEL", 0)
+    plain = Clipper(method, zip(names, plain_params), nonfinite="ignore")
+    plain.step()
+    monkeypatch.undo()
+    assert all(len(p) == 1 for g in plain.params.layout().unitwise[0].groups for p in g.parts)
+    for step in range(3):
+        if step:
+            gen = torch.Generator().manual_seed(step)
+            for a, b in zip(stacked_params, plain_params):
+                a.grad = (torch.randn(a.shape, generator=gen) * 10.0**step).to(dtype)
+                b.grad = a.grad.clone()
+            plain.step()
+        expected = agc_reference(stacked_params, 0.01, 1e-3, excluded={3})
+        stacked.step()
+        tolerance = {"rtol": 1e-5, "atol": 1e-9} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-6}
+        for a, b, g in zip(stacked_params, plain_params, expected):
+            assert a.grad.dtype == dtype
+            torch.testing.assert_close(a.grad.double(), g.to(dtype).double(), **tolerance)
+            torch.testing.assert_close(a.grad.double(), b.grad.double(), **tolerance)
+
+
+def test_tensor_norm_factors_are_right_at_every_step_with_the_buffers_reused():
+    """Per-tensor factors reach the scaling through views of one buffer kept in the layout, refilled each step;
+    each step against clipping each tensor alone with torch's function."""
+    params = make_params(REPEATED, seed=12, grad_scale=5.0)
+    clipper = Clipper(TensorNorm(max_norm=1.0), named(params), nonfinite="ignore")
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 3.0**step
+        alone = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for a, p in zip(alone, params):
+            a.grad = p.grad.clone()
+            torch.nn.utils.clip_grad_norm_([a], 1.0)
+        clipper.step()
+        for p, a in zip(params, alone):
+            torch.testing.assert_close(p.grad, a.grad, rtol=1e-6, atol=1e-8)
+    assert len(clipper.params.layout().factor_slots) == 1
+
+
+def test_inf_norms_of_small_and_large_tensors_in_any_order_match_torch_with_nan_and_inf():
+    """On CPU the inf-norm takes small tensors in one foreach kernel and large ones with aminmax; every tensor's
+    norm comes back in its place, NaN and Inf included, empty tensors as 0."""
+    shapes = [(3000,), (4, 4), (0,), (40, 40), (7,), (512,), (513,), (2, 3)]
+    params = make_params(shapes=shapes, zero_params=(), seed=13)
+    params[1].grad[2, 2] = float("nan")
+    params[3].grad[5, 5] = float("-inf")
+    params[6].grad[0] = float("nan")
+    layout, grads = _layout_and_grads(params)
+    norms = ValueClip().measure(layout, grads).norms
+    expected = [torch.linalg.vector_norm(g, math.inf) if g.numel() else torch.tensor(0.0) for g in grads]
+    torch.testing.assert_close(norms, torch.stack(expected), equal_nan=True, rtol=0, atol=0)
