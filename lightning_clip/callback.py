@@ -117,6 +117,7 @@ class GradientClipping(Callback):
         warmup_update_ratio: float | None = None,
         clipped_history: bool | None = None,
         clipped_warmup: bool | None = None,
+        warmup_threshold: Literal["ema", "min"] | None = None,
         nonfinite: Literal["skip", "raise", "ignore"] = "skip",
         max_consecutive_skips: int = 20,
         skip_spikes: float | None = None,

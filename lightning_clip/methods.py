@@ -405,14 +405,24 @@ class AdaGC(Method):
     warmup_steps: int = parameter(
         100,
         _count,
-        "finite steps of global clipping; each tensor's threshold starts at the smallest clipped norm it had",
+        "finite steps of global clipping, after which each tensor's threshold starts as `warmup_threshold` says",
         int,
     )
     warmup_update_ratio: float = _warmup_update_ratio("no global clip during warmup (with `lambda_abs=None`)")
+    warmup_threshold: str = parameter(
+        "ema",
+        _choice("ema", "min"),
+        "what each tensor's threshold starts from after warmup: `ema` of its clipped norms during warmup (the scale "
+        "the run has reached), `min` the smallest it had (the paper's; a quiet stretch early in warmup then clips "
+        "every later step to it)",
+        str,
+    )
 
     def build(self):
         ratio = self.warmup_update_ratio
-        policy = AdaGCThreshold(self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps, ratio)
+        policy = AdaGCThreshold(
+            self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps, ratio, self.warmup_threshold
+        )
         return policy, TensorNormClip(2.0)
 
 

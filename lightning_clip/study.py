@@ -329,16 +329,19 @@ def defaults_at_every_rate(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main_tables(sweeps: list[Path], directory: Path) -> list[Path]:
+def main_tables(sweeps: list[Path], directory: Path, cells: list[dict[str, Any]] | None = None) -> list[Path]:
     """The tables of the results of several sweeps (the study's chunks) together, in ``directory``, with
     ``summary.md``. A run of a later sweep replaces a run of the same cell (task, learning rate, configuration,
-    seed) in an earlier one: a chunk rerun after a change supersedes what it reran."""
+    seed) in an earlier one: a chunk rerun after a change supersedes what it reran. With ``cells`` (the grid's),
+    runs of a configuration the grid no longer holds (one whose definition changed) are left out."""
+    current = None if cells is None else {json.dumps(dict(c), sort_keys=True) for c in cells}
     latest: dict[tuple, dict[str, Any]] = {}
     for sweep in sweeps:
         for path in sorted(Path(sweep).glob("*/result.json")):
             result = json.loads(path.read_text())
             cell = json.dumps(result["cell"], sort_keys=True)
-            latest[(result["task"], float(result["lr_scale"]), cell, result["seed"])] = result
+            if current is None or cell in current:
+                latest[(result["task"], float(result["lr_scale"]), cell, result["seed"])] = result
     results = list(latest.values())
     directory.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)

@@ -425,9 +425,16 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
     clipping):
 
     - warmup, the first ``warmup_steps`` finite steps: global-norm clipping at ``lambda_abs``; each tensor's
-      threshold ``gamma_i`` is the smallest clipped norm it has seen (``gamma_i = min(gamma_i, ||g_i||)``);
+      threshold ``gamma_i`` is the smallest clipped norm it has seen (``gamma_i = min(gamma_i, ||g_i||)``,
+      ``warmup_threshold="min"``, the paper's Algorithm 1) or, by default (``"ema"``), the same EMA as after warmup;
     - then: clip each tensor to ``lambda_rel * gamma_i`` and update ``gamma_i <- beta * gamma_i + (1 - beta) *
       ||clipped g_i||``.
+
+    Why not the minimum by default: a threshold can grow by at most ``beta + (1 - beta) * lambda_rel`` per step
+    (1.001 at the defaults), so a tensor whose norms were small at some point of the warmup (a plateau before the
+    model starts to learn) is clipped to that scale for hundreds of steps after it, whatever its norms have grown
+    to. Seen on the study's AdamW CNN: norms 20x above their warmup minimum, every tensor clipped about 100x at the
+    first step after warmup, and the loss diverged from there; the EMA starts the thresholds where the norms are.
 
     Choices where the paper is silent: thresholds are kept per tensor of the optimizer (its ``Theta_i``), in the
     order of the optimizer's parameters; a tensor first seen after warmup (no gradient before) starts its EMA from
@@ -448,8 +455,10 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         lambda_abs: float | None = 1.0,
         warmup_steps: int = 100,
         update_ratio: float = 1e-3,
+        warmup_threshold: str = "ema",
     ) -> None:
         self.beta, self.lambda_rel, self.lambda_abs, self.warmup_steps = beta, lambda_rel, lambda_abs, warmup_steps
+        self.warmup_minimum = warmup_threshold == "min"
         self.update_ratio = update_ratio if lambda_abs is None else 0.0
         self.steps = 0  # steps taken, on the host
         self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
@@ -496,7 +505,7 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         previous = gamma[index]
         warming = self.count < self.warmup_steps
         ema = torch.where(torch.isinf(previous), clipped, self.beta * previous + (1 - self.beta) * clipped)
-        new = torch.where(warming, torch.minimum(previous, clipped), ema)
+        new = torch.where(warming, torch.minimum(previous, clipped), ema) if self.warmup_minimum else ema
         self.gamma = gamma.index_put((index,), torch.where(usable, new, previous))
         self.count = self.count + usable.long()
 

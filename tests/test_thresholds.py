@@ -192,8 +192,13 @@ def test_zclip_matches_the_authors_package(params):
     assert any(o < n * (1 - 1e-4) for o, n in zip(ours, NORMS))
 
 
-def adagc_reference(grad_norms, beta, lambda_rel, lambda_abs, warmup_steps):
-    """AdaGC (Wang et al. 2025, Algorithm 1) in float64; each row of ``grad_norms`` is one step's per-tensor norms."""
+def adagc_reference(grad_norms, beta, lambda_rel, lambda_abs, warmup_steps, warmup_threshold="min"):
+    """AdaGC (Wang et al. 2025, Algorithm 1) in float64; each row of ``grad_norms`` is one step's per-tensor norms.
+    ``warmup_threshold="ema"``: during warmup the thresholds follow the same EMA as after it (ours by default)."""
+
+    def ema(g, c):
+        return c if math.isinf(g) else beta * g + (1 - beta) * c
+
     gamma = [math.inf] * len(grad_norms[0])
     out, step = [], 0
     for norms in grad_norms:
@@ -204,20 +209,23 @@ def adagc_reference(grad_norms, beta, lambda_rel, lambda_abs, warmup_steps):
             total = math.sqrt(sum(n * n for n in norms))
             coef = min(1.0, lambda_abs / (total + 1e-6))
             clipped = [n * coef for n in norms]
-            gamma = [min(g, c) for g, c in zip(gamma, clipped)]
+            start = min if warmup_threshold == "min" else ema
+            gamma = [start(g, c) for g, c in zip(gamma, clipped)]
         else:
             clipped = [n * min(1.0, lambda_rel * g / (n + 1e-6)) for n, g in zip(norms, gamma)]
-            gamma = [beta * g + (1 - beta) * c for g, c in zip(gamma, clipped)]
+            gamma = [ema(g, c) for g, c in zip(gamma, clipped)]
         out.append(clipped)
         step += 1
     return out, gamma
 
 
-def test_adagc_matches_algorithm_in_float64():
+@pytest.mark.parametrize("warmup_threshold", ["min", "ema"])
+def test_adagc_matches_algorithm_in_float64(warmup_threshold):
     gen = torch.Generator().manual_seed(0)
     shapes = [(6, 4), (6,), (3, 3, 2)]
     params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
-    clipper = Clipper(methods.AdaGC(warmup_steps=5, lambda_abs=2.0), zip("abc", params), nonfinite="ignore")
+    method = methods.AdaGC(warmup_steps=5, lambda_abs=2.0, warmup_threshold=warmup_threshold)
+    clipper = Clipper(method, zip("abc", params), nonfinite="ignore")
     policy = clipper.policy
     steps, ours = [], []
     for t in range(30):
@@ -230,7 +238,7 @@ def test_adagc_matches_algorithm_in_float64():
         clipper.step()
         steps.append([float(g.double().norm()) for g in grads])
         ours.append([float(p.grad.double().norm()) for p in params])
-    expected, gamma = adagc_reference(steps, 0.98, 1.05, 2.0, 5)
+    expected, gamma = adagc_reference(steps, 0.98, 1.05, 2.0, 5, warmup_threshold)
     for t, (o, e) in enumerate(zip(ours, expected)):
         if e is not None:
             np.testing.assert_allclose(o, e, rtol=1e-5, err_msg=f"step {t}")
@@ -348,3 +356,19 @@ def test_warmup_guard_ends_with_the_warmup(clipped_warmup, after_warmup):
         clipper.step()
         after.append(round(float(p.grad.norm()), 6))
     assert after == [0.02, 0.02, 0.02, after_warmup, after_warmup]
+
+
+@pytest.mark.parametrize(
+    ("warmup_threshold", "kept"), [("min", 1.05 * 0.05), ("ema", 1.05 * (0.98**70 * 0.05 + 1 - 0.98**70))]
+)
+def test_adagc_after_a_quiet_start_clips_to_the_warmup_scale_only_with_the_papers_minimum(warmup_threshold, kept):
+    """A tensor quiet for the first 30 of 100 warmup steps (norm 0.05) whose norm then grows to 1.0: the paper's
+    minimum starts its threshold at 0.05, so the first step after warmup keeps 5% of the gradient; the EMA (the
+    default) starts it at 0.77 (0.98**70 of the weight left on the quiet stretch), so the step keeps 81%."""
+    param = torch.nn.Parameter(torch.zeros(4))
+    method = methods.AdaGC(lambda_abs=1e6, warmup_threshold=warmup_threshold)  # the warmup clips nothing here
+    clipper = Clipper(method, [("w", param)], nonfinite="ignore")
+    for step in range(101):
+        param.grad = torch.full((4,), (0.05 if step < 30 else 1.0) / 2.0)  # norm 0.05, then 1.0
+        clipper.step()
+    assert float(param.grad.norm()) == pytest.approx(kept, rel=1e-5)

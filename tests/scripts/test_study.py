@@ -106,3 +106,6 @@ def test_a_later_sweep_replaces_the_runs_it_reran(tmp_path):
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     assert float(rows["agc"]["final loss"]) == 0.25 and rows["agc"]["seeds"] == "1"
     assert float(rows["norm"]["final loss"]) == 0.5
+    main_tables([tmp_path / "first", tmp_path / "rerun"], tmp_path / "grid", cells=[{"method": "agc"}])
+    rows = list(csv.DictReader(open(tmp_path / "grid" / "results.csv")))
+    assert [r["method"] for r in rows] == ["agc"]  # the norm cell is no longer in the grid
