@@ -329,6 +329,22 @@ def defaults_at_every_rate(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def training_time(results: list[dict[str, Any]]) -> str:
+    """How long the runs in the tables trained, summed from each run's own seconds per step times its steps (start-up
+    and data loading left out): what one pass over the same grid costs."""
+    seconds = [
+        r["seconds_per_step"] * r["steps"]
+        for r in results
+        if r.get("applicable", True) and "steps" in r and math.isfinite(r.get("seconds_per_step", math.nan))
+    ]
+    hours = sum(seconds) / 3600
+    return (
+        f"Training time of the {len(seconds)} runs in these tables: {hours:.2f} h of one process (each run's seconds "
+        f"per step x its steps); one pass over them with two processes on 2 cores: about {hours / 2:.2f} h, plus "
+        "start-up."
+    )
+
+
 def main_tables(sweeps: list[Path], directory: Path, cells: list[dict[str, Any]] | None = None) -> list[Path]:
     """The tables of the results of several sweeps (the study's chunks) together, in ``directory``, with
     ``summary.md``. A run of a later sweep replaces a run of the same cell (task, learning rate, configuration,
@@ -345,5 +361,6 @@ def main_tables(sweeps: list[Path], directory: Path, cells: list[dict[str, Any]]
     results = list(latest.values())
     directory.mkdir(parents=True, exist_ok=True)
     rows = aggregate(results)
-    (directory / "summary.md").write_text(summary(rows) + "\n\n" + defaults_at_every_rate(rows) + "\n")
+    parts = [summary(rows), defaults_at_every_rate(rows), training_time(results)]
+    (directory / "summary.md").write_text("\n\n".join(parts) + "\n")
     return [*write_tables(rows, directory), directory / "summary.md"]

@@ -96,7 +96,8 @@ def test_a_later_sweep_replaces_the_runs_it_reran(tmp_path):
     def write(sweep, job, cell, loss):
         (tmp_path / sweep / job).mkdir(parents=True)
         result = {"task": "t", "cell": cell, "seed": 0, "lr_scale": 1.0, "threshold": None, "diverged": False,
-                  "final_loss": loss, "accuracy": float("nan"), "loss_spikes": 0, "seconds_per_step": 1.0}  # fmt: skip
+                  "final_loss": loss, "accuracy": float("nan"), "loss_spikes": 0, "seconds_per_step": 1.0,
+                  "steps": 360}  # fmt: skip
         (tmp_path / sweep / job / "result.json").write_text(json.dumps(result))
 
     write("first", "0", {"method": "norm", "max_norm": 1.0}, 0.5)
@@ -106,6 +107,9 @@ def test_a_later_sweep_replaces_the_runs_it_reran(tmp_path):
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "out" / "results.csv"))}
     assert float(rows["agc"]["final loss"]) == 0.25 and rows["agc"]["seeds"] == "1"
     assert float(rows["norm"]["final loss"]) == 0.5
+    # the replaced run's time is not counted: 2 runs x 360 steps x 1 s
+    assert "Training time of the 2 runs in these tables: 0.20 h" in (tmp_path / "out" / "summary.md").read_text()
+    assert "two processes on 2 cores: about 0.10 h" in (tmp_path / "out" / "summary.md").read_text()
     main_tables([tmp_path / "first", tmp_path / "rerun"], tmp_path / "grid", cells=[{"method": "agc"}])
     rows = list(csv.DictReader(open(tmp_path / "grid" / "results.csv")))
     assert [r["method"] for r in rows] == ["agc"]  # the norm cell is no longer in the grid
