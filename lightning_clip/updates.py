@@ -60,11 +60,12 @@ class UpdateMonitor:
 
 def update_stats(layout: Layout, index: LayerIndex, before: list[Tensor]) -> dict[str, float]:
     """Per layer, the L2 norm of the update and its ratio to the layer's parameter norm before the step, and the
-    global ratio; read to the host in one transfer."""
-    after = layout.local_params()
-    updates = torch._foreach_sub(after, before) if after else []
-    norms = torch.cat([tensor_norms(layout, updates, 2.0), tensor_norms(layout, before, 2.0)])
-    update_norms, param_norms = norms.split(len(layout))
+    global ratio; read to the host in one transfer. ``before`` (the snapshot, not needed afterwards) becomes the
+    update in place: no second copy of the parameters."""
+    param_norms = tensor_norms(layout, before, 2.0)
+    if before:
+        torch._foreach_sub_(before, layout.local_params())  # before - after: the update, negated
+    update_norms = tensor_norms(layout, before, 2.0)
     layer_updates, layer_params = index.l2(update_norms), index.l2(param_norms)
     ratio = torch.linalg.vector_norm(update_norms) / torch.linalg.vector_norm(param_norms)
     layer_ratios = layer_updates / torch.where(layer_params > 0, layer_params, torch.nan)
