@@ -349,11 +349,14 @@ class UnitwiseClip(ClipOperator):
                         "split across ranks; shard it on dim 0 (as fully_shard does) or exclude it"
                     )
                 by_rank.setdefault(ndim, []).append(position)
-        vector_parts = self._parts([(k, local(layout.params[run.start + k]).shape) for k in vectors])
+        # sharded: local shapes may differ between ranks, and the norms must come in the same order on every rank
+        # for the collective, so nothing is stacked there
+        stack = reducer is None
+        vector_parts = self._parts([(k, layout.params[run.start + k].shape) for k in vectors], stack)
         vectors = [k for part in vector_parts for k in part]
         groups = []
         for rank, members in by_rank.items():
-            parts = self._parts([(k, local(layout.params[run.start + k]).shape) for k in members])
+            parts = self._parts([(k, layout.params[run.start + k].shape) for k in members], stack)
             positions = [k for part in parts for k in part]
             units = [local(layout.params[run.start + k]).shape[0] for k in positions]
             owner = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor(units)).to(device)
@@ -362,11 +365,12 @@ class UnitwiseClip(ClipOperator):
         return _UnitwiseRun(vectors, groups, excluded, torch.tensor(order, device=device), vector_parts)
 
     @staticmethod
-    def _parts(shapes: list[tuple[int, torch.Size]]) -> list[list[int]]:
-        """Positions grouped for measuring: each small shape shared by several tensors together, the rest alone."""
+    def _parts(shapes: list[tuple[int, torch.Size]], stack: bool) -> list[list[int]]:
+        """Positions grouped for measuring: each small shape shared by several tensors together (when ``stack``),
+        the rest alone, in order."""
         small: dict[torch.Size, list[int]] = {}
         for k, shape in shapes:
-            if shape.numel() <= STACK_MAX_NUMEL:
+            if stack and shape.numel() <= STACK_MAX_NUMEL:
                 small.setdefault(shape, []).append(k)
         stacked = [ks for ks in small.values() if len(ks) > 1]
         together = {k for ks in stacked for k in ks}

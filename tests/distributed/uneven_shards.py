@@ -1,0 +1,65 @@
+"""Run by test_uneven_shards.py: AGC and the per-tensor methods on DTensor gradients sharded unevenly on dim 0 across
+2 processes (gloo), against the same methods on the full tensors in one process. Small tensors of one global shape
+have different local shapes on the two ranks here, so a rank-dependent grouping of them would pair the wrong norms
+in the collective. Writes the largest difference per method to the file given as the only argument."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+from lightning_clip import Clipper, methods
+
+#: Global shapes: on 2 ranks, (3,) splits 2 + 1, (5,) 3 + 2, (3, 4) 2 + 1 rows, (1, 4) 1 + 0.
+SHAPES = [(3, 4), (3,), (5, 4), (3, 4), (5,), (3,), (1, 4), (3, 4), (4,), (7, 2, 2), (7, 2, 2)]
+CASES = {
+    "agc": {"clip_factor": 0.01, "max_update_ratio": 0.0},
+    "tensor_norm": {"max_norm": 0.5},
+    "adagc": {"warmup_steps": 1, "lambda_abs": 1.0},
+}
+
+
+def full_tensors(seed):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [torch.randn(s, generator=gen) * 30.0 for s in SHAPES]
+    return params, grads
+
+
+def clip(method, params, grads_per_step, mesh=None):
+    """The method's Clipper over 3 steps; the clipped gradients of each step, as full tensors."""
+    place = (lambda t: distribute_tensor(t, mesh, [Shard(0)])) if mesh is not None else (lambda t: t)
+    named = [(f"layer{i}.weight", torch.nn.Parameter(place(p.clone()))) for i, p in enumerate(params)]
+    clipper = Clipper(methods.from_arguments(method, dict(CASES[method])), named, nonfinite="ignore")
+    out = []
+    for grads in grads_per_step:
+        for (_, p), g in zip(named, grads):
+            p.grad = place(g.clone())
+        clipper.step()
+        out.append([p.grad.full_tensor() if mesh is not None else p.grad.clone() for _, p in named])
+    return out
+
+
+def worker(rank, path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["UNEVEN_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    mesh = init_device_mesh("cpu", (2,))
+    params, _ = full_tensors(0)
+    steps = [full_tensors(seed)[1] for seed in (1, 2, 3)]
+    differences = {}
+    for method in CASES:
+        sharded, single = clip(method, params, steps, mesh), clip(method, params, steps)
+        differences[method] = max(
+            float((a - b).abs().max() / b.abs().max()) for got, want in zip(sharded, single) for a, b in zip(got, want)
+        )
+    if rank == 0:
+        torch.save(differences, path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
