@@ -173,22 +173,18 @@ class ParamSet:
         self.names = list(names)
         self.params = list(params)
         self.flat_shards = dict(flat_shards or {})
+        # what holds each parameter's gradient: itself, or for an FSDP1 original parameter its flat parameter (one
+        # with no element on this rank never holds one, yet takes part in the step on every rank: it counts as
+        # present when its flat parameter has a gradient, which is so on every rank or on none)
+        self._grad_holders = [
+            shard.flat_param if (shard := self.flat_shards.get(id(p))) is not None else p for p in self.params
+        ]
         self.exclude = tuple(exclude)
         self._layouts: dict[tuple[int, ...], Layout] = {}
 
-    def _missing(self, p: Tensor) -> bool:
-        """No gradient this step. An FSDP1 original parameter with no element on this rank never holds one, yet it
-        takes part in the step on every rank (its norm is reduced with the others): it counts as present when its
-        flat parameter has a gradient, which is so on every rank or on none."""
-        shard = self.flat_shards.get(id(p))
-        return (shard.flat_param if shard is not None else p).grad is None
-
     def layout(self) -> Layout | None:
         """The layout of the parameters that hold a gradient now, or ``None`` when none does."""
-        if self.flat_shards:
-            missing = tuple(i for i, p in enumerate(self.params) if self._missing(p))
-        else:  # the common case, in one pass with no call per parameter (host time)
-            missing = tuple(i for i, p in enumerate(self.params) if p.grad is None)
+        missing = tuple(i for i, holder in enumerate(self._grad_holders) if holder.grad is None)
         layout = self._layouts.get(missing)
         if layout is None:
             skipped = set(missing)

@@ -433,8 +433,9 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
     Why not the minimum by default: a threshold can grow by at most ``beta + (1 - beta) * lambda_rel`` per step
     (1.001 at the defaults), so a tensor whose norms were small at some point of the warmup (a plateau before the
     model starts to learn) is clipped to that scale for hundreds of steps after it, whatever its norms have grown
-    to. Seen on the study's AdamW CNN: norms 20x above their warmup minimum, every tensor clipped about 100x at the
-    first step after warmup, and the loss diverged from there; the EMA starts the thresholds where the norms are.
+    to. Seen on the study's AdamW CNN: the clipped global norm at the end of the warmup was about 20x its minimum,
+    fell about 100x at the first step after it, and the loss diverged from there; the EMA starts the thresholds
+    where the norms are.
 
     Choices where the paper is silent: thresholds are kept per tensor of the optimizer (its ``Theta_i``), in the
     order of the optimizer's parameters; a tensor first seen after warmup (no gradient before) starts its EMA from
