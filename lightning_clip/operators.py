@@ -8,14 +8,17 @@ overflow in the measurement itself.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from lightning_clip import kernels
 from lightning_clip.params import Layout
 from lightning_clip.sharding import local
 
@@ -106,6 +109,34 @@ def _factor_views(layout: Layout, key: Any, factors: Tensor, sizes: list[int] | 
         slot = layout.factor_slots[key] = (buffer, list(buffer.unbind(0) if sizes is None else buffer.split(sizes)))
     slot[0].copy_(factors)
     return slot[1]
+
+
+def _scale_each_(
+    layout: Layout,
+    key: Any,
+    tensors: Sequence[Tensor],
+    factors: Tensor,
+    units: list[int] | None = None,
+    select: Callable[[Sequence[Any]], Sequence[Any]] | None = None,
+) -> None:
+    """Multiply each tensor by its own factor in place: ``factors`` holds one per tensor, or with ``units`` ``units[i]``
+    consecutive ones for tensor ``i``, one per slice along dim 0 (AGC's units). ``select`` picks the tensors to
+    scale (and their factors) out of ``tensors``. On CUDA one launch of :mod:`lightning_clip.kernels` where it
+    applies; otherwise one foreach kernel over views of the factors (on CUDA, one kernel per tensor)."""
+    chosen = tensors if select is None else select(tensors)
+    plan = layout.scale_plans.get(key, False)
+    if plan is False:
+        starts: Sequence[int] = range(len(tensors))
+        if units is not None:
+            starts = list(itertools.accumulate(units, initial=0))[:-1]
+        if select is not None:
+            starts = select(starts)
+        chosen_units = units if units is None or select is None else list(select(units))
+        plan = layout.scale_plans[key] = kernels.plan(chosen, list(starts), chosen_units)
+    if plan is not None and kernels.multiply_(plan, chosen, factors.reshape(-1)):
+        return
+    views = _factor_views(layout, key, factors, units)
+    _foreach_mul_(chosen, views if select is None else select(views))
 
 
 def total_norm(norms: Tensor, norm_type: float) -> Tensor:
@@ -208,8 +239,8 @@ class TensorNormClip(ClipOperator):
         assert measured is not None
         coefs = self._unexcluded(layout, torch.clamp(threshold / (measured.norms + NORM_EPS), max=1.0))
         for device, run in layout.groups:
-            factors = _factor_views(layout, ("tensor", run.start), coefs[run].to(device))
-            _foreach_mul_(layout.clipped_of(run, grads[run]), layout.clipped_of(run, factors))
+            select = functools.partial(layout.clipped_of, run)
+            _scale_each_(layout, ("tensor", run.start), grads[run], coefs[run].to(device), select=select)
         return Applied(changed=(coefs < 1.0).any(), scale=coefs)
 
 
@@ -469,7 +500,7 @@ class UnitwiseClip(ClipOperator):
             for column, (grad_norms, param_norms, tensors, units) in enumerate(columns):
                 limits = param_norms.clamp_min(self.eps).mul_(threshold)
                 scales = limits.div_(grad_norms.clamp_min(NORM_EPS)).clamp_max_(1.0)
-                torch._foreach_mul_(tensors, _factor_views(layout, ("unit", run.start, column), scales, units))
+                _scale_each_(layout, ("unit", run.start, column), tensors, scales, units)
                 smallest.append(scales.min())
         if not smallest:
             return Applied(changed=False, scale=None)

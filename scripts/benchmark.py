@@ -30,7 +30,7 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import torch
 
-from lightning_clip import Clipper, methods
+from lightning_clip import Clipper, kernels, methods
 from lightning_clip.stats import LayerGrouping, LayerStats
 
 
@@ -159,6 +159,19 @@ def timm_adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3) -> None:
         p.grad.detach().copy_(torch.where(grad_norm < max_norm, g, clipped))
 
 
+def without_kernel(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with the Triton scaling kernel off: its layout, made on the first call, keeps the foreach path."""
+
+    def call():
+        kernels.ENABLED = False
+        try:
+            return fn()
+        finally:
+            kernels.ENABLED = True
+
+    return call
+
+
 def time_pair(ours, baseline, params, repeats: int) -> float:
     generator = torch.Generator(device=DEVICE).manual_seed(1)
     times: dict[str, list[float]] = {"ours": [], "baseline": []}
@@ -221,6 +234,20 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
     for label, method, kwargs in adaptive:
         engine = clipper(method, params, "ignore", **kwargs)
         cases.append((f"{label}, nonfinite=ignore", "norm, fixed max_norm (ours)", engine, fixed_norm))
+    if DEVICE.type == "cuda":  # the per-tensor factors without the Triton kernel: one foreach kernel per tensor
+        foreach_tensor_norm = without_kernel(clipper("tensor_norm", params, "ignore"))
+        cases.append(
+            (
+                "tensor_norm, foreach path (no Triton kernel)",
+                "norm, fixed max_norm (ours)",
+                foreach_tensor_norm,
+                fixed_norm,
+            )
+        )
+        foreach_agc = without_kernel(clipper("agc", params, "ignore"))
+        cases.append(
+            ("agc, foreach path (no Triton kernel)", "timm adaptive_clip_grad loop", foreach_agc, agc_baseline)
+        )
     spam = clipper("spam", params, "ignore", optimizer=adam_with_moments(params), warmup_steps=1)
     cases.append(("spam, nonfinite=ignore", "norm, fixed max_norm (ours)", spam, fixed_norm))
     cases.append(

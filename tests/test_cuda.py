@@ -5,7 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lightning_clip import SPAM, Clipper, GradientClipping, methods
+from lightning_clip import SPAM, Clipper, GradientClipping, kernels, methods
 from models import TinyModule, assert_same_finite_norms, fsdp1_against_plain, loader
 
 pytestmark = pytest.mark.cuda
@@ -83,7 +83,9 @@ def steps_without_a_sync(clipper, steps=3):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize(("method", "kwargs"), [("norm", {}), ("agc", {}), ("zclip", {}), ("adagc", {})])
+@pytest.mark.parametrize(
+    ("method", "kwargs"), [("norm", {}), ("agc", {}), ("zclip", {}), ("adagc", {}), ("tensor_norm", {"max_norm": 1.0})]
+)
 def test_no_host_sync_with_ignore_on_cuda(method, kwargs):
     params = [torch.nn.Parameter(torch.randn(256, 256, device="cuda")) for _ in range(8)]
     optimizer = torch.optim.SGD(params, lr=0.1)  # the adaptive methods read its rate: a host float, no sync
@@ -131,3 +133,82 @@ def test_a_learning_rate_held_on_the_gpu_is_read_without_a_sync(method):
         p.grad = torch.randn_like(p) * 100
     steps_without_a_sync(clipper)
     assert all(torch.isfinite(p.grad).all() for p in params)
+
+
+@pytest.mark.parametrize("method", ["tensor_norm", "agc", "adagc"])
+def test_scaling_kernel_takes_new_gradients_each_step_without_a_sync(method):
+    """Gradients at new addresses every step (as when the optimizer sets them to None): the kernel's address table
+    is rebuilt through pinned memory, with no host sync, and the result is the foreach path's."""
+    shapes = [(300, 40), (40,), (7, 3, 3, 3), (1000,)] * 3
+    runs = {}
+    for enabled in (True, False):
+        kernels.ENABLED = enabled
+        try:
+            params = [torch.nn.Parameter(torch.ones(s, device="cuda")) for s in shapes]
+            optimizer = torch.optim.SGD(params, lr=0.1)
+            kwargs = {"max_norm": 1.0} if method == "tensor_norm" else {}
+            engine = Clipper(methods.from_arguments(method, kwargs), zip(map(str, range(len(params))), params),
+                             optimizer=optimizer, nonfinite="ignore")  # fmt: skip
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            grads = []
+            for step in range(4):
+                for p in params:
+                    p.grad = torch.randn(p.shape, device="cuda", generator=gen) * 10.0 ** (step % 3 - 1)
+                if step == 1 and enabled:
+                    torch.cuda.synchronize()
+                    torch.cuda.set_sync_debug_mode("error")
+                engine.step()
+                grads.append([p.grad.clone() for p in params])
+            torch.cuda.set_sync_debug_mode("default")
+        finally:
+            kernels.ENABLED = True
+            torch.cuda.set_sync_debug_mode("default")
+        plans = engine.params.layout().scale_plans.values()
+        assert all(plan is not None for plan in plans) == enabled
+        runs[enabled] = grads
+    for with_kernel, with_foreach in zip(runs[True], runs[False]):
+        for a, b in zip(with_kernel, with_foreach):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scaling_kernel_matches_the_foreach_path_on_a_transformer_layout(dtype):
+    """GPT-2-shaped tensors (embeddings, qkv, MLP, LayerNorms; two blocks) with AGC and AdaGC over several steps,
+    the Triton kernel against the foreach path: equal in fp32, within one bf16 rounding in bf16."""
+    block = [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,), (256, 64), (256,), (64, 256), (64,)]
+    shapes = [(5000, 64), (128, 64)] + block * 2
+    for method in ("agc", "adagc", "tensor_norm"):
+        out = {}
+        for enabled in (True, False):
+            kernels.ENABLED = enabled
+            try:
+                params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype) * 0.02) for s in shapes]
+                kwargs = {"max_norm": 0.01} if method == "tensor_norm" else {"warmup_steps": 1}
+                engine = Clipper(methods.from_arguments(method, kwargs), zip(map(str, range(len(params))), params),
+                                 optimizer=torch.optim.SGD(params, lr=0.1), nonfinite="ignore")  # fmt: skip
+                gen = torch.Generator(device="cuda").manual_seed(1)
+                for step in range(3):
+                    for p in params:
+                        p.grad = (torch.randn(p.shape, device="cuda", generator=gen) * (1 + 5 * step)).to(dtype)
+                    engine.step()
+            finally:
+                kernels.ENABLED = True
+            out[enabled] = [p.grad for p in params]
+        tolerance = {"rtol": 0, "atol": 0} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 0}
+        for a, b in zip(out[True], out[False]):
+            torch.testing.assert_close(a, b, **tolerance)
+
+
+@pytest.mark.parametrize("method", ["agc", "adagc"])
+def test_trainer_run_with_the_scaling_kernel_equals_one_without(method):
+    """A Lightning run on the GPU (bf16-mixed, AdamW) with per-tensor or unit-wise factors: the same parameters
+    whether the factors are applied by the Triton kernel or by the foreach kernels."""
+    with_kernel, clipping = cuda_run(False, method, "bf16-mixed")
+    assert any(plan is not None for plan in clipping.clippers[0].params.layout().scale_plans.values())
+    kernels.ENABLED = False
+    try:
+        without_kernel, _ = cuda_run(False, method, "bf16-mixed")
+    finally:
+        kernels.ENABLED = True
+    for a, b in zip(with_kernel.parameters(), without_kernel.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -317,7 +317,9 @@ def test_tensor_norm_factors_are_right_at_every_step_with_the_buffers_reused():
         clipper.step()
         for p, a in zip(params, alone):
             torch.testing.assert_close(p.grad, a.grad, rtol=1e-6, atol=1e-8)
-    assert len(clipper.params.layout().factor_slots) == 1
+    layout = clipper.params.layout()
+    on_kernel = any(plan is not None for plan in layout.scale_plans.values())  # Triton's (interpreter): no views
+    assert len(layout.factor_slots) == (0 if on_kernel else 1)
 
 
 def test_inf_norms_of_small_and_large_tensors_in_any_order_match_torch_with_nan_and_inf():

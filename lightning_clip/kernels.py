@@ -1,0 +1,169 @@
+"""One CUDA kernel (Triton) that multiplies many gradients by factors of their own, in one launch: one factor per
+tensor (per-tensor clipping, AdaGC) or one per unit, a slice along dim 0 (AGC).
+
+``torch._foreach_mul_(tensors, factors)`` does the same with one 0-d or ``(rows, 1, ...)`` factor per tensor, but
+on CUDA a foreach kernel keeps its fast path (many tensors per launch) only where the factors match the tensors in
+shape; otherwise it launches one kernel per tensor. On an H200, 2000 tensors of 158x158 took 14.1 ms that way and
+0.55 ms with one factor shared by all. Here each program scales one chunk of one tensor: a table made once per
+layout says which tensor and where, and a table of the tensors' addresses, rebuilt only when they change (the
+caching allocator usually hands a new gradient the old one's memory), says where it lies.
+
+Used for contiguous CUDA tensors when Triton is installed (CUDA builds of torch ship it); elsewhere, or with the
+environment variable ``LIGHTNING_CLIP_TRITON=0`` (read at import, or set :data:`ENABLED`), the callers use the
+foreach kernels, which compute the same products.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+#: Whether CUDA tensors are scaled with the Triton kernel (where it applies); the foreach kernels otherwise.
+ENABLED = os.environ.get("LIGHTNING_CLIP_TRITON", "1") != "0"
+
+#: Elements per program. Tensors whose index does not fit in int32 with a chunk to spare keep the foreach path.
+CHUNK = 16384
+_INT32_LIMIT = 2**31 - 1 - CHUNK
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@functools.cache
+def _kernel():
+    """The Triton kernel, compiled on first use (``None`` without Triton)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def multiply(
+        base,  # one of the tensors: the others are addressed from it
+        offsets,  # int64, per tensor: its address less the base's, in elements
+        factors,
+        chunk_tensors,  # int32, per program: which tensor
+        chunk_starts,  # int32, per program: the first element of its chunk
+        numels,  # int32, per tensor
+        factor_starts,  # int32, per tensor: the position of its first factor
+        row_sizes,  # int32, per tensor: elements per unit (only read when PER_ROW)
+        PER_ROW: tl.constexpr,
+        VECTOR: tl.constexpr,  # every offset a multiple of this (16 bytes' worth when all are 16-byte aligned)
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        tensor = tl.load(chunk_tensors + program)
+        start = tl.load(chunk_starts + program)
+        pointer = base + tl.multiple_of(tl.load(offsets + tensor), VECTOR)
+        end = tl.minimum(tl.load(numels + tensor) - start, CHUNK)
+        first_factor = tl.load(factor_starts + tensor)
+        if PER_ROW:
+            row = tl.load(row_sizes + tensor)
+        else:
+            shared = tl.load(factors + first_factor)
+        full = (end // BLOCK) * BLOCK
+        for offset in range(0, full, BLOCK):  # whole blocks: no mask, so the loads vectorize
+            index = tl.max_contiguous(tl.multiple_of(start + offset + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            if PER_ROW:
+                factor = tl.load(factors + first_factor + index // row)
+            else:
+                factor = shared
+            values = tl.load(pointer + index)
+            tl.store(pointer + index, (values.to(factor.dtype) * factor).to(values.dtype))
+        if full < end:
+            index = start + full + tl.arange(0, BLOCK)
+            inside = index < start + end
+            if PER_ROW:
+                factor = tl.load(factors + first_factor + index // row, mask=inside, other=1.0)
+            else:
+                factor = shared
+            values = tl.load(pointer + index, mask=inside)
+            tl.store(pointer + index, (values.to(factor.dtype) * factor).to(values.dtype), mask=inside)
+
+    return multiply
+
+
+def _on_kernel_device(tensor: Tensor) -> bool:
+    """CUDA; or CPU under Triton's interpreter (``TRITON_INTERPRET=1``), where tests run the kernel without a GPU."""
+    return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@dataclass
+class Plan:
+    """The static tables for one list of tensors (shapes fixed by the layout), on their device, and the address
+    table of the last call."""
+
+    chunk_tensors: Tensor
+    chunk_starts: Tensor
+    numels: Tensor
+    factor_starts: Tensor
+    row_sizes: Tensor
+    per_row: bool
+    base: int  # a tensor with elements: the others are addressed from its address
+    addresses: list[int] | None = None
+    offset_table: Tensor | None = None
+    vector: int = 1
+
+
+def plan(tensors: Sequence[Tensor], factor_starts: list[int], units: list[int] | None) -> Plan | None:
+    """The tables for scaling ``tensors`` (the gradients of one layout run, every step the same shapes) by
+    ``factors[factor_starts[i]]`` each, or with ``units`` by ``units[i]`` consecutive factors from there, one per
+    slice along dim 0; ``None`` where the kernel does not apply."""
+    if not (ENABLED and tensors and _on_kernel_device(tensors[0]) and tensors[0].dtype in _DTYPES and _kernel()):
+        return None
+    if any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors):
+        return None
+    numels = [t.numel() for t in tensors]
+    if max(numels) > _INT32_LIMIT:
+        return None
+    chunks = [(numel + CHUNK - 1) // CHUNK for numel in numels]
+    counts = torch.tensor(chunks)
+    chunk_tensors = torch.repeat_interleave(torch.arange(len(tensors)), counts)
+    firsts = torch.cumsum(counts, 0) - counts
+    chunk_starts = (torch.arange(int(counts.sum())) - firsts[chunk_tensors]) * CHUNK
+    rows = [numel // max(u, 1) for numel, u in zip(numels, units)] if units is not None else [1] * len(tensors)
+    device = tensors[0].device
+
+    def table(values) -> Tensor:
+        return torch.as_tensor(values, dtype=torch.int32).to(device)
+
+    return Plan(
+        table(chunk_tensors),
+        table(chunk_starts),
+        table(numels),
+        table(factor_starts),
+        table(rows),
+        units is not None,
+        next((i for i, numel in enumerate(numels) if numel), 0),
+    )
+
+
+def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
+    """Scale ``tensors`` in place as planned, in one launch; ``False`` (nothing done) if one of them is not
+    contiguous this step. Their dtype is the planned one: a gradient always has its parameter's."""
+    if not all(map(Tensor.is_contiguous, tensors)):
+        return False
+    addresses = list(map(Tensor.data_ptr, tensors))
+    if addresses != plan.addresses:
+        size = tensors[0].element_size()
+        if any(a % size for a in addresses):
+            return False
+        device = tensors[0].device
+        offsets = [(a - addresses[plan.base]) // size for a in addresses]
+        staged = torch.tensor(offsets, dtype=torch.int64, pin_memory=device.type == "cuda")
+        plan.offset_table = staged.to(device, non_blocking=True)  # pinned: no host sync
+        plan.vector = 16 // size if all(a % 16 == 0 for a in addresses) and size <= 16 else 1
+        plan.addresses = addresses
+    programs = len(plan.chunk_tensors)
+    if programs:
+        _kernel()[(programs,)](
+            tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
+            plan.numels, plan.factor_starts, plan.row_sizes,
+            PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
+        )  # fmt: skip
+    return True

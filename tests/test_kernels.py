@@ -1,0 +1,99 @@
+"""The Triton scaling kernel against torch's own multiplication in float64: on a CUDA GPU (marked ``cuda``), and on
+CPU under Triton's interpreter where Triton is installed (CI has no Triton: that test then skips; the cuda ones
+skip without a GPU). Without either, the operators take the foreach path, which the other tests cover."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lightning_clip import kernels
+
+#: Shapes that cover empty tensors (first, so the kernel addresses from another), one element, several chunks
+#: with a ragged end, and rows of odd width.
+SHAPES = [(0,), (3, 5), (7,), (2, 0), (1,), (kernels.CHUNK * 2 + 77,), (3, kernels.CHUNK // 2 + 9), (64, 64), (5, 2, 3)]
+
+
+def reference(tensors, factors, units):
+    """Each tensor times its factor (or its rows' factors), computed in float64 and rounded once."""
+    out, position = [], 0
+    for t, count in zip(tensors, units or [1] * len(tensors)):
+        if units is None:
+            factor = factors[position].double()
+        else:
+            factor = factors[position : position + count].double().reshape(-1, *([1] * (t.ndim - 1)))
+        out.append((t.double() * factor).to(t.dtype))
+        position += count
+    return out
+
+
+def starts_of(units, count):
+    if units is None:
+        return list(range(count))
+    return [sum(units[:i]) for i in range(count)]
+
+
+def check_kernel(device: str) -> None:
+    """Every dtype, per tensor and per row; steps whose tensors move (the address table is rebuilt), tensors that
+    are views at offsets that are not 16-byte aligned (no vector loads), and a non-contiguous tensor (declined)."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        factor_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for per_row in (False, True):
+            units = [s[0] if len(s) > 1 else 1 for s in SHAPES] if per_row else None
+            tensors = [torch.randn(s, generator=gen).to(device, dtype) for s in SHAPES]
+            plan = kernels.plan(tensors, starts_of(units, len(SHAPES)), units)
+            assert plan is not None
+            for step in range(3):
+                if step == 1:  # new tensors at new addresses
+                    tensors = [torch.randn(s, generator=gen).to(device, dtype) for s in SHAPES]
+                if step == 2:  # views of one buffer, each starting one element after a 16-byte boundary
+                    sizes = [t.numel() + 1 for t in tensors]
+                    flat = torch.randn(sum(sizes), generator=gen).to(device, dtype)
+                    pieces = flat.split(sizes)
+                    tensors = [p[1:].view(s) for p, s in zip(pieces, SHAPES)]
+                count = sum(units) if per_row else len(SHAPES)
+                factors = (torch.rand(count, generator=gen, dtype=factor_dtype) * 2).to(device)
+                expected = reference(tensors, factors, units)
+                assert kernels.multiply_(plan, tensors, factors)
+                exact = dtype in (torch.float32, torch.float64)
+                tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 2**-7, "atol": 0}
+                for t, e in zip(tensors, expected):
+                    torch.testing.assert_close(t, e, **tolerance)
+                # fresh tensors are 16-byte aligned: vector loads; views one element in are not
+                assert plan.vector == (1 if step == 2 else 16 // tensors[0].element_size())
+    strided = [torch.randn(8, 8, device=device).t()]
+    plan = kernels.plan(strided, [0], None)
+    assert not kernels.multiply_(plan, strided, torch.ones(1, device=device))
+
+
+@pytest.mark.cuda
+def test_kernel_on_cuda_matches_float64():
+    check_kernel("cuda")
+
+
+@pytest.mark.cuda
+def test_kernel_is_off_with_enabled_false():
+    kernels.ENABLED = False
+    try:
+        assert kernels.plan([torch.ones(3, device="cuda")], [0], None) is None
+    finally:
+        kernels.ENABLED = True
+
+
+def test_no_plan_on_cpu_without_the_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert kernels.plan([torch.ones(3)], [0], None) is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_kernel_under_the_triton_interpreter_matches_float64():
+    """The same checks on CPU tensors, in a process where Triton interprets the kernel."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import test_kernels; test_kernels.check_kernel('cpu')"
+    here = os.path.dirname(__file__)
+    result = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
