@@ -183,7 +183,7 @@ def test_scaling_kernel_matches_the_foreach_path_on_a_transformer_layout(dtype):
             kernels.ENABLED = enabled
             try:
                 params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype) * 0.02) for s in shapes]
-                kwargs = {"max_norm": 0.01} if method == "tensor_norm" else {"warmup_steps": 1}
+                kwargs = {"tensor_norm": {"max_norm": 0.01}, "adagc": {"warmup_steps": 1}}.get(method, {})
                 engine = Clipper(methods.from_arguments(method, kwargs), zip(map(str, range(len(params))), params),
                                  optimizer=torch.optim.SGD(params, lr=0.1), nonfinite="ignore")  # fmt: skip
                 gen = torch.Generator(device="cuda").manual_seed(1)
@@ -200,15 +200,22 @@ def test_scaling_kernel_matches_the_foreach_path_on_a_transformer_layout(dtype):
 
 
 @pytest.mark.parametrize("method", ["agc", "adagc"])
-def test_trainer_run_with_the_scaling_kernel_equals_one_without(method):
+def test_trainer_run_with_the_scaling_kernel_equals_one_without(method, monkeypatch):
     """A Lightning run on the GPU (bf16-mixed, AdamW) with per-tensor or unit-wise factors: the same parameters
-    whether the factors are applied by the Triton kernel or by the foreach kernels."""
-    with_kernel, clipping = cuda_run(False, method, "bf16-mixed")
-    assert any(plan is not None for plan in clipping.clippers[0].params.layout().scale_plans.values())
-    kernels.ENABLED = False
-    try:
-        without_kernel, _ = cuda_run(False, method, "bf16-mixed")
-    finally:
-        kernels.ENABLED = True
+    whether the factors are applied by the Triton kernel (every step) or by the foreach kernels."""
+    launches = []
+    multiply = kernels.multiply_
+
+    def counted(plan, tensors, factors):
+        launches.append(multiply(plan, tensors, factors))
+        return launches[-1]
+
+    monkeypatch.setattr(kernels, "multiply_", counted)
+    with_kernel, _ = cuda_run(False, method, "bf16-mixed")
+    assert launches and all(launches)
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    count = len(launches)
+    without_kernel, _ = cuda_run(False, method, "bf16-mixed")
+    assert len(launches) == count
     for a, b in zip(with_kernel.parameters(), without_kernel.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
