@@ -173,7 +173,7 @@ def test_scaling_kernel_takes_new_gradients_each_step_without_a_sync(method):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scaling_kernel_matches_the_foreach_path_on_a_transformer_layout(dtype):
-    """GPT-2-shaped tensors (embeddings, qkv, MLP, LayerNorms; two blocks) with AGC and AdaGC over several steps,
+    """GPT-2-shaped tensors (embeddings, qkv, MLP, LayerNorms; two blocks) with AGC, AdaGC and tensor_norm over steps,
     the Triton kernel against the foreach path: equal in fp32, within one bf16 rounding in bf16."""
     block = [(64,), (64,), (192, 64), (192,), (64, 64), (64,), (64,), (64,), (256, 64), (256,), (64, 256), (64,)]
     shapes = [(5000, 64), (128, 64)] + block * 2
@@ -182,11 +182,13 @@ def test_scaling_kernel_matches_the_foreach_path_on_a_transformer_layout(dtype):
         for enabled in (True, False):
             kernels.ENABLED = enabled
             try:
-                params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(dtype) * 0.02) for s in shapes]
+                gen = torch.Generator(device="cuda").manual_seed(1)
+                params = [
+                    torch.nn.Parameter(0.02 * torch.randn(s, device="cuda", generator=gen).to(dtype)) for s in shapes
+                ]
                 kwargs = {"tensor_norm": {"max_norm": 0.01}, "adagc": {"warmup_steps": 1}}.get(method, {})
                 engine = Clipper(methods.from_arguments(method, kwargs), zip(map(str, range(len(params))), params),
                                  optimizer=torch.optim.SGD(params, lr=0.1), nonfinite="ignore")  # fmt: skip
-                gen = torch.Generator(device="cuda").manual_seed(1)
                 for step in range(3):
                     for p in params:
                         p.grad = (torch.randn(p.shape, device="cuda", generator=gen) * (1 + 5 * step)).to(dtype)
