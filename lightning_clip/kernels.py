@@ -15,6 +15,7 @@ foreach kernels, which compute the same products.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -148,12 +149,12 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
     contiguous this step. Their dtype is the planned one: a gradient always has its parameter's."""
     if not all(map(Tensor.is_contiguous, tensors)):
         return False
+    device = tensors[0].device
     addresses = list(map(Tensor.data_ptr, tensors))
     if addresses != plan.addresses:
         size = tensors[0].element_size()
         if any(a % size for a in addresses):
             return False
-        device = tensors[0].device
         offsets = [(a - addresses[plan.base]) // size for a in addresses]
         staged = torch.tensor(offsets, dtype=torch.int64, pin_memory=device.type == "cuda")
         plan.offset_table = staged.to(device, non_blocking=True)  # pinned: no host sync
@@ -161,9 +162,10 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
         plan.addresses = addresses
     programs = len(plan.chunk_tensors)
     if programs:
-        _kernel()[(programs,)](
-            tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
-            plan.numels, plan.factor_starts, plan.row_sizes,
-            PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
-        )  # fmt: skip
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # Triton launches here
+            _kernel()[(programs,)](
+                tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
+                plan.numels, plan.factor_starts, plan.row_sizes,
+                PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
+            )  # fmt: skip
     return True

@@ -314,6 +314,12 @@ class SpikeAwareClip(ClipOperator):
 STACK_MAX_NUMEL = 4096
 
 
+#: AGC sums each tensor's squared unit norms into this many lanes, then the lanes: consecutive units land on different
+#: addresses. On CUDA ``index_add_`` adds atomically, and a warp adding 32 units of one tensor into one sum waits on
+#: itself: at 1.1B (441k units into 147 sums) that took 0.36 ms of AGC's 8.3.
+SUM_LANES = 32
+
+
 @dataclass
 class _UnitGroup:
     """Tensors of one run that share a rank: their positions in the run and how many units each has. Their unit
@@ -324,7 +330,7 @@ class _UnitGroup:
     positions: list[int]
     units: list[int]
     dims: tuple[int, ...]
-    owner: Tensor  # for each unit (row of the column), the index of its tensor within the group
+    slots: Tensor  # for each unit (row of the column), its slot in the per-tensor sums: see :data:`SUM_LANES`
     parts: list[list[int]]
 
 
@@ -391,8 +397,9 @@ class UnitwiseClip(ClipOperator):
             parts = self._parts([(k, layout.params[run.start + k].shape) for k in members], stack)
             positions = [k for part in parts for k in part]
             units = [local(layout.params[run.start + k]).shape[0] for k in positions]
-            owner = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor(units)).to(device)
-            groups.append(_UnitGroup(positions, units, tuple(range(1, rank)), owner, parts))
+            owner = torch.repeat_interleave(torch.arange(len(positions)), torch.tensor(units))
+            slots = (owner * SUM_LANES + torch.arange(len(owner)) % SUM_LANES).to(device)
+            groups.append(_UnitGroup(positions, units, tuple(range(1, rank)), slots, parts))
         order = vectors + [k for g in groups for k in g.positions] + excluded
         return _UnitwiseRun(vectors, groups, excluded, torch.tensor(order, device=device), vector_parts)
 
@@ -453,7 +460,8 @@ class UnitwiseClip(ClipOperator):
             parts = grad_columns[:1] if split.vectors else []
             for group, column in zip(split.groups, grad_columns[len(parts) :]):
                 squares = column.reshape(-1).square()
-                sums = squares.new_zeros(len(group.positions)).index_add_(0, group.owner, squares)
+                lanes = squares.new_zeros(len(group.positions) * SUM_LANES).index_add_(0, group.slots, squares)
+                sums = lanes.view(-1, SUM_LANES).sum(1)
                 parts.append(sums.sqrt())
             if split.excluded:
                 excluded = [run_grads[k] for k in split.excluded]
