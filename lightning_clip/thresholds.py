@@ -465,17 +465,24 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
         self.count = torch.zeros((), dtype=torch.long)
 
-    def _gamma(self, layout: Layout, like: Tensor) -> tuple[Tensor, Tensor]:
-        size = max(layout.indices) + 1
+    def _gamma(self, layout: Layout, like: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The thresholds, on ``like``'s device, and the positions of the layout's tensors in them (``None`` when
+        the layout holds all of them in order: then no gather and no scatter)."""
+        if layout.state_index is None:
+            size = max(layout.indices) + 1
+            in_order = size == len(layout) and layout.indices == list(range(size))
+            layout.state_index = (None if in_order else torch.tensor(layout.indices, device=like.device), size)
+        index, size = layout.state_index
         if self.gamma is None or self.gamma.numel() < size:
             grown = torch.full((size,), math.inf, device=like.device, dtype=like.dtype)
             if self.gamma is not None:
                 grown[: self.gamma.numel()] = self.gamma.to(grown)
             self.gamma = grown
         self.gamma, self.count = self.gamma.to(like.device, like.dtype), self.count.to(like.device)
-        if layout.state_index is None:
-            layout.state_index = torch.tensor(layout.indices, device=like.device)
-        return self.gamma, layout.state_index
+        if index is None and self.gamma.numel() > size:  # more thresholds than this layout has tensors
+            index = torch.arange(size, device=like.device)
+            layout.state_index = (index, size)
+        return self.gamma, index
 
     def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
         assert measured is not None
@@ -491,7 +498,7 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
             limit = math.inf
         coef = torch.clamp(limit / (measured.total + NORM_EPS), max=1.0)
         global_limits = coef * (norms + NORM_EPS)
-        relative = self.lambda_rel * gamma[index]  # +inf for a tensor never seen: not clipped
+        relative = self.lambda_rel * (gamma if index is None else gamma[index])  # +inf never seen: not clipped
         return torch.where(warming, global_limits, relative)
 
     def reported(self, threshold: Threshold) -> Tensor:
@@ -503,11 +510,12 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         usable = _usable(measured, finite)
         gamma, index = self._gamma(layout, measured.norms)
         clipped = measured.norms * applied.scale.to(measured.norms)
-        previous = gamma[index]
+        previous = gamma if index is None else gamma[index]
         warming = self.count < self.warmup_steps
         ema = torch.where(torch.isinf(previous), clipped, self.beta * previous + (1 - self.beta) * clipped)
         new = torch.where(warming, torch.minimum(previous, clipped), ema) if self.warmup_minimum else ema
-        self.gamma = gamma.index_put((index,), torch.where(usable, new, previous))
+        kept = torch.where(usable, new, previous)
+        self.gamma = kept if index is None else gamma.index_put((index,), kept)
         self.count = self.count + usable.long()
 
     def state_dict(self) -> dict[str, Any]:

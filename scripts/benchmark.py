@@ -224,6 +224,7 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
         ("agc, nonfinite=skip", "timm adaptive_clip_grad loop", clipper("agc", params, "skip"), agc_baseline),
     ]
     fixed_norm = clipper("norm", params, "ignore")
+    cases.append(("agc, nonfinite=ignore", "norm, fixed max_norm (ours)", clipper("agc", params, "ignore"), fixed_norm))
     adaptive = [
         ("autoclip", "autoclip", {"warmup_steps": 1}),
         ("zclip", "zclip", {"warmup_steps": 1}),

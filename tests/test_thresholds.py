@@ -193,8 +193,9 @@ def test_zclip_matches_the_authors_package(params):
 
 
 def adagc_reference(grad_norms, beta, lambda_rel, lambda_abs, warmup_steps, warmup_threshold="min"):
-    """AdaGC (Wang et al. 2025, Algorithm 1) in float64; each row of ``grad_norms`` is one step's per-tensor norms.
-    ``warmup_threshold="ema"``: during warmup the thresholds follow the same EMA as after it (ours by default)."""
+    """AdaGC (Wang et al. 2025, Algorithm 1) in float64; each row of ``grad_norms`` is one step's per-tensor norms,
+    ``None`` for a tensor with no gradient that step (left out, its threshold kept). ``warmup_threshold="ema"``:
+    during warmup the thresholds follow the same EMA as after it (ours by default)."""
 
     def ema(g, c):
         return c if math.isinf(g) else beta * g + (1 - beta) * c
@@ -202,18 +203,21 @@ def adagc_reference(grad_norms, beta, lambda_rel, lambda_abs, warmup_steps, warm
     gamma = [math.inf] * len(grad_norms[0])
     out, step = [], 0
     for norms in grad_norms:
-        if not all(math.isfinite(n) for n in norms):
+        present = [i for i, n in enumerate(norms) if n is not None]
+        if not all(math.isfinite(norms[i]) for i in present):
             out.append(None)
             continue
+        clipped = list(norms)
         if step < warmup_steps:
-            total = math.sqrt(sum(n * n for n in norms))
-            coef = min(1.0, lambda_abs / (total + 1e-6))
-            clipped = [n * coef for n in norms]
+            coef = min(1.0, lambda_abs / (math.sqrt(sum(norms[i] ** 2 for i in present)) + 1e-6))
             start = min if warmup_threshold == "min" else ema
-            gamma = [start(g, c) for g, c in zip(gamma, clipped)]
+            for i in present:
+                clipped[i] = norms[i] * coef
+                gamma[i] = start(gamma[i], clipped[i])
         else:
-            clipped = [n * min(1.0, lambda_rel * g / (n + 1e-6)) for n, g in zip(norms, gamma)]
-            gamma = [ema(g, c) for g, c in zip(gamma, clipped)]
+            for i in present:
+                clipped[i] = norms[i] * min(1.0, lambda_rel * gamma[i] / (norms[i] + 1e-6))
+                gamma[i] = ema(gamma[i], clipped[i])
         out.append(clipped)
         step += 1
     return out, gamma
@@ -244,6 +248,35 @@ def test_adagc_matches_algorithm_in_float64(warmup_threshold):
             np.testing.assert_allclose(o, e, rtol=1e-5, err_msg=f"step {t}")
     np.testing.assert_allclose(policy.gamma.double().numpy(), gamma, rtol=1e-5)
     assert int(policy.count) == 29
+
+
+@pytest.mark.parametrize("second_dtype", [torch.float32, torch.float64])
+def test_adagc_keeps_each_tensors_threshold_when_the_layout_changes(second_dtype):
+    """Thresholds live per tensor of the optimizer, while a step's layout holds only the tensors with gradients, in
+    device/dtype runs: a tensor with no gradient for the first steps (then first seen after warmup: unclipped) and
+    again later (more thresholds than the layout has tensors), and with a float64 tensor between float32 ones, a
+    layout that reorders them. Against Algorithm 1 in float64, step by step."""
+    gen = torch.Generator().manual_seed(3)
+    shapes, dtypes = [(5, 3), (4,), (3, 3), (6,)], [torch.float32, second_dtype, torch.float32, torch.float32]
+    params = [torch.nn.Parameter(torch.zeros(s, dtype=d)) for s, d in zip(shapes, dtypes)]
+    clipper = Clipper(methods.AdaGC(warmup_steps=4, lambda_abs=2.0), zip("abcd", params), nonfinite="ignore")
+    steps, ours = [], []
+    for t in range(24):
+        absent = {3} if t < 8 or 16 <= t < 19 else set()
+        grads = [
+            torch.randn(s, generator=gen, dtype=d) * (30.0 if t in (10, 17) else 1.0) for s, d in zip(shapes, dtypes)
+        ]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = None if i in absent else g.clone()
+        clipper.step()
+        steps.append([None if i in absent else float(g.double().norm()) for i, g in enumerate(grads)])
+        ours.append([None if i in absent else float(p.grad.double().norm()) for i, p in enumerate(params)])
+    expected, gamma = adagc_reference(steps, 0.98, 1.05, 2.0, 4, "ema")
+    for t, (o, e) in enumerate(zip(ours, expected)):
+        for i in range(4):
+            if e[i] is not None:
+                np.testing.assert_allclose(o[i], e[i], rtol=1e-5, err_msg=f"step {t}, tensor {i}")
+    np.testing.assert_allclose(clipper.policy.gamma.double().numpy(), gamma, rtol=1e-5)
 
 
 @pytest.mark.parametrize(
