@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -146,7 +147,8 @@ def plan(tensors: Sequence[Tensor], factor_starts: list[int], units: list[int] |
 
 def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
     """Scale ``tensors`` in place as planned, in one launch; ``False`` (nothing done) if one of them is not
-    contiguous this step. Their dtype is the planned one: a gradient always has its parameter's."""
+    contiguous this step, or if the kernel cannot be compiled for this GPU (a warning says so, and it is not tried
+    again). Their dtype is the planned one: a gradient always has its parameter's."""
     if not all(map(Tensor.is_contiguous, tensors)):
         return False
     device = tensors[0].device
@@ -161,11 +163,19 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
         plan.vector = 16 // size if all(a % 16 == 0 for a in addresses) and size <= 16 else 1
         plan.addresses = addresses
     programs = len(plan.chunk_tensors)
-    if programs:
+    if not programs:
+        return True
+    global ENABLED
+    try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # Triton launches here
             _kernel()[(programs,)](
                 tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
                 plan.numels, plan.factor_starts, plan.row_sizes,
                 PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
             )  # fmt: skip
+    except Exception as error:  # compiling for this GPU failed (before anything was written): foreach from now on
+        ENABLED = False
+        message = f"lightning_clip: the Triton scaling kernel cannot run here ({error!r}); using foreach kernels"
+        warnings.warn(message, stacklevel=2)
+        return False
     return True

@@ -97,3 +97,29 @@ def test_kernel_under_the_triton_interpreter_matches_float64():
     here = os.path.dirname(__file__)
     result = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monkeypatch):
+    """Triton present but unable to compile for the GPU (too old, say): the first launch fails before writing
+    anything, the step scales through the foreach kernels, a warning says so, and the kernel is not tried again."""
+    from lightning_clip import Clipper, methods
+
+    class Uncompilable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no compiler for this device")
+
+            return launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets plan() take CPU tensors
+    monkeypatch.setattr(kernels, "_kernel", Uncompilable)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(5))]
+    clipper = Clipper(methods.TensorNorm(max_norm=1.0), zip("ab", params), nonfinite="ignore")
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    with pytest.warns(UserWarning, match="Triton scaling kernel cannot run here"):
+        clipper.step()
+    assert not kernels.ENABLED
+    for p in params:
+        torch.testing.assert_close(p.grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=0)
