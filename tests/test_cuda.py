@@ -1,5 +1,6 @@
-"""On a CUDA GPU (skipped without one): FSDP1 against a plain run, the fused-optimizer path, SPAM, and host syncs.
-This module imports neither W&B nor Hydra, so it runs where only torch and Lightning are installed."""
+"""On a CUDA GPU (skipped without one): FSDP1 against a plain run, the fused-optimizer path, SPAM, host syncs, and the
+Triton scaling kernel against the foreach path. This module imports neither W&B nor Hydra, so it runs where only torch
+and Lightning are installed."""
 
 import pytest
 import torch
