@@ -248,7 +248,7 @@ class GradientClipping(Callback):
         suffix = "" if len(trainer.optimizers) <= 1 else f"_opt{index}"
         metrics = self._log(trainer, record.read(), suffix, records)
         if self.log_updates and not clipper.skipped_this_step:
-            _watch_update(self, trainer, optimizer, clipper, suffix)
+            _watch_update(self, trainer, optimizer, clipper, suffix, record.param_norms)
         if self.progress_bar:
             shown = {"grad_norm": metrics["grad/norm"], "clip_rate": metrics.get("clip/rate")}
             pl_module.log_dict(
@@ -344,9 +344,11 @@ def _restore(clipper: Clipper, state: dict[str, Any]) -> None:
         ) from None
 
 
-def _watch_update(callback: GradientClipping, trainer: pl.Trainer, optimizer, clipper: Clipper, suffix: str) -> None:
-    """Snapshot the parameters of a recording step; the update statistics are logged after the optimizer step, at
-    this step's ``global_step``."""
+def _watch_update(
+    callback: GradientClipping, trainer: pl.Trainer, optimizer, clipper: Clipper, suffix: str, param_norms
+) -> None:
+    """Snapshot the parameters of a recording step (``param_norms``: their norms, from the step's record); the update
+    statistics are logged after the optimizer step, at this step's ``global_step``."""
     layout, step = clipper.params.layout(), trainer.global_step
     layers = LayerStats(callback.grouping).index(layout, layout.groups[0][0])
 
@@ -356,7 +358,7 @@ def _watch_update(callback: GradientClipping, trainer: pl.Trainer, optimizer, cl
         for logger in trainer.loggers:
             logger.log_metrics(keyed, step=step)
 
-    callback._fit.updates.snapshot(optimizer, layout, layers, emit)
+    callback._fit.updates.snapshot(optimizer, layout, layers, emit, param_norms)
 
 
 def _report_skip(trainer: pl.Trainer, layers: list[str], unrecorded: bool) -> None:

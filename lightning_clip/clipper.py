@@ -34,7 +34,7 @@ from lightning_clip.operators import NORM_EPS, Applied, GlobalNormClip, Measured
 from lightning_clip.params import Layout, ParamSet
 from lightning_clip.sharding import FlatShard
 from lightning_clip.spikes import SpikeSkipper
-from lightning_clip.stats import LayerStats
+from lightning_clip.stats import LayerStats, parameter_norms
 from lightning_clip.thresholds import ReadsLearningRate
 
 NonFinite = Literal["skip", "raise", "ignore"]
@@ -69,7 +69,8 @@ class StepRecord:
     ``grad_norms`` / ``clipped_norms`` are the per-tensor L2 norms before / after clipping, in the order of
     ``names``; ``clipped_steps`` / ``judged_steps`` count, since the previous record, the steps on which clipping
     changed a gradient and the steps on which that was known. ``layers`` / ``layer_stats`` hold the per-layer
-    statistics (see ``stats.py``) when the clipper has a :class:`LayerStats`."""
+    statistics (see ``stats.py``) when the clipper has a :class:`LayerStats`; ``param_norms`` then the per-tensor
+    parameter norms they came from (kept on the device, for the update statistics)."""
 
     names: list[str]
     grad_norms: Tensor
@@ -83,6 +84,7 @@ class StepRecord:
     norm_max: Tensor | None = None
     layers: list[str] = field(default_factory=list)
     layer_stats: dict[str, Tensor] = field(default_factory=dict)
+    param_norms: Tensor | None = None
 
     def read(self) -> HostRecord:
         """Everything recorded, read to the host in ONE transfer: one ``cat`` on the device, one ``tolist``."""
@@ -438,7 +440,8 @@ class Clipper:
         )
         if self.stats is not None:
             record.layers = self.stats.index(layout, grad_norms.device).layers
-            record.layer_stats = self.stats.compute(layout, grad_norms, before)
+            record.param_norms = parameter_norms(layout, grad_norms)
+            record.layer_stats = self.stats.compute(layout, grad_norms, record.param_norms, before)
             if self._layer_max is not None and len(self._layer_max) == len(record.layers):
                 record.layer_stats["grad_norm_max"] = self._layer_max
         record.norm_max = self._norm_max

@@ -79,6 +79,12 @@ class LayerIndex:
         return bad.new_zeros(len(self.layers)).index_add_(0, self.layer_of, bad).clamp_max_(1.0)
 
 
+def parameter_norms(layout: Layout, like: Tensor) -> Tensor:
+    """The L2 norm of every parameter tensor of ``layout`` (full tensors when sharded), as ``like``'s dtype: one read
+    of the parameters, shared on a recording step by the per-layer statistics and the update statistics."""
+    return tensor_norms(layout, layout.local_params(), 2.0).to(like)
+
+
 class LayerStats:
     """Computes per-layer statistics for a layout on recording steps; caches the layer index per layout.
 
@@ -120,12 +126,14 @@ class LayerStats:
             before["grad_hist"] = hist
         return before
 
-    def compute(self, layout: Layout, grad_norms: Tensor, before: dict[str, Tensor]) -> dict[str, Tensor]:
+    def compute(
+        self, layout: Layout, grad_norms: Tensor, param_norms: Tensor, before: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
         """Per-layer ``grad_norm``, ``param_norm``, ``grad_ratio`` (NaN where the layer's parameters are all zero),
         ``grad_nonfinite`` (1.0 where a tensor of the layer held NaN/Inf), ``grad_max`` when measured, and
-        ``grad_hist`` (layers x bins, over ``[-grad_max, grad_max]``) on histogram steps."""
+        ``grad_hist`` (layers x bins, over ``[-grad_max, grad_max]``) on histogram steps, from the per-tensor
+        gradient and parameter norms (:func:`parameter_norms`)."""
         index = self.index(layout, grad_norms.device)
-        param_norms = tensor_norms(layout, layout.local_params(), 2.0).to(grad_norms)
         grad_norm = index.l2(grad_norms)
         param_norm = index.l2(param_norms)
         stats = {

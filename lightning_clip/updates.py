@@ -4,8 +4,9 @@ As Composer's ``OptimizerMonitor`` reports, the size of each layer's update rela
 judge a learning rate. Here the real update is measured, parameters after the step minus before: on recording
 steps only, the parameters are copied before the step (one copy of them, the memory cost) and compared after it,
 in a post-step hook of the optimizer (``Optimizer.register_step_post_hook``; Lightning has no hook after
-``optimizer.step``). Non-recording steps pay nothing. Norms are those of the full tensors under FSDP (through the
-layout's reducer: two collectives on a recording step, for the update norms and the parameter norms).
+``optimizer.step``). Non-recording steps pay nothing. The parameter norms are those the recording step's
+statistics already took (no second read of the parameters). Norms are those of the full tensors under FSDP (through
+the layout's reducer: one collective for the update norms).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class _Pending:
     index: LayerIndex
     before: list[Tensor]
     emit: Callable[[dict[str, float]], None]
+    param_norms: Tensor | None
 
 
 class UpdateMonitor:
@@ -38,17 +40,21 @@ class UpdateMonitor:
         self._pending: dict[int, _Pending] = {}
         self._hooks: dict[int, Any] = {}
 
-    def snapshot(self, optimizer: torch.optim.Optimizer, layout: Layout, index: LayerIndex, emit) -> None:
+    def snapshot(
+        self, optimizer: torch.optim.Optimizer, layout: Layout, index: LayerIndex, emit, param_norms: Tensor | None
+    ) -> None:
+        """Copy the parameters before the step; ``param_norms``, their per-tensor norms if the step's record
+        already measured them (``None``: measured after the step, from the copy)."""
         key = id(optimizer)
         if key not in self._hooks:
             self._hooks[key] = optimizer.register_step_post_hook(self._after_step)
         before = [p.clone() for p in layout.local_params()]
-        self._pending[key] = _Pending(layout, index, before, emit)
+        self._pending[key] = _Pending(layout, index, before, emit, param_norms)
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         pending = self._pending.pop(id(optimizer), None)
         if pending is not None:
-            pending.emit(update_stats(pending.layout, pending.index, pending.before))
+            pending.emit(update_stats(pending.layout, pending.index, pending.before, pending.param_norms))
 
     def close(self) -> None:
         """Remove the hooks and drop the snapshots (a fit ended)."""
@@ -58,11 +64,16 @@ class UpdateMonitor:
         self._pending.clear()
 
 
-def update_stats(layout: Layout, index: LayerIndex, before: list[Tensor]) -> dict[str, float]:
+def update_stats(
+    layout: Layout, index: LayerIndex, before: list[Tensor], param_norms: Tensor | None = None
+) -> dict[str, float]:
     """Per layer, the L2 norm of the update and its ratio to the layer's parameter norm before the step, and the
     global ratio; read to the host in one transfer. ``before`` (the snapshot, not needed afterwards) becomes the
-    update in place: no second copy of the parameters."""
-    param_norms = tensor_norms(layout, before, 2.0)
+    update in place: no second copy of the parameters. ``param_norms``: the per-tensor norms of ``before`` when
+    already measured (the recording step's statistics took them), which saves a read of it (and, sharded, a
+    collective)."""
+    if param_norms is None:
+        param_norms = tensor_norms(layout, before, 2.0)
     if before:
         torch._foreach_sub_(before, layout.local_params())  # before - after: the update, negated
     update_norms = tensor_norms(layout, before, 2.0)

@@ -119,10 +119,11 @@ def recording_with_updates(params) -> Callable[[], object]:
     engine = Clipper(methods.Norm(), zip(names(params), params), nonfinite="ignore", stats=stats)
 
     def step():
-        engine.step(record=True).read()
+        record = engine.step(record=True)
+        record.read()
         layout = engine.params.layout()
         before = [p.clone() for p in layout.local_params()]
-        return update_stats(layout, stats.index(layout, layout.groups[0][0]), before)
+        return update_stats(layout, stats.index(layout, layout.groups[0][0]), before, record.param_norms)
 
     return step
 

@@ -181,6 +181,33 @@ def test_update_statistics_are_the_real_update_on_recording_steps_only():
         assert metrics["update/ratio"] == pytest.approx(total / norm, rel=1e-4)
 
 
+def test_update_statistics_reuse_the_records_parameter_norms():
+    """A recording step measures the per-tensor parameter norms once (for ``param_norm``); the update statistics
+    take them from the record instead of reading the snapshot again, with the same result."""
+    from lightning_clip.updates import update_stats
+
+    gen = torch.Generator().manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(6, 4), (6,), (3, 6), (3,)]]
+    names = ["a.weight", "a.bias", "b.weight", "b.bias"]
+    stats = LayerStats(LayerGrouping())
+    engine = Clipper(methods.Norm(max_norm=1.0), zip(names, params), nonfinite="ignore", stats=stats)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    record = engine.step(record=True)
+    layout = engine.params.layout()
+    torch.testing.assert_close(record.param_norms, torch.stack([p.detach().norm() for p in layout.params]))
+    snapshots = [[p.detach().clone() for p in layout.params] for _ in range(2)]
+    with torch.no_grad():
+        for p in params:
+            p.sub_(0.1 * p.grad)  # the optimizer's step
+    index = stats.index(layout, record.param_norms.device)
+    reused = update_stats(layout, index, snapshots[0], record.param_norms)
+    measured = update_stats(layout, index, snapshots[1])
+    assert reused.keys() == measured.keys() and len(reused) == 5
+    for key, value in measured.items():
+        assert reused[key] == pytest.approx(value, rel=1e-6)
+
+
 def test_update_statistics_cost_no_host_read_off_recording_steps():
     clipping = GradientClipping("norm", nonfinite="ignore", log_updates=True, log_every_n_steps=100)
     counts = []
