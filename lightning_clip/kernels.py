@@ -37,7 +37,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @functools.cache
 def _kernel():
-    """The Triton kernel, compiled on first use (``None`` without Triton)."""
+    """The Triton kernel (``None`` without Triton); Triton compiles it at its first launch and caches it on disk."""
     try:
         import triton
         import triton.language as tl
@@ -98,8 +98,8 @@ def _on_kernel_device(tensor: Tensor) -> bool:
 
 @dataclass
 class Plan:
-    """The static tables for one list of tensors (shapes fixed by the layout), on their device, and the address
-    table of the last call."""
+    """The static tables for one list of tensors (shapes fixed by the layout), on their device, and the offset table
+    of the addresses seen last (with the vector width they allow)."""
 
     chunk_tensors: Tensor
     chunk_starts: Tensor
