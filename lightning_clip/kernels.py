@@ -150,7 +150,8 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
     """Scale ``tensors`` in place as planned, in one launch; ``False`` (nothing done) if one of them is not
     contiguous this step, or if the kernel cannot be compiled for this GPU (a warning says so, and it is not tried
     again). Their dtype is the planned one: a gradient always has its parameter's."""
-    if not all(map(Tensor.is_contiguous, tensors)):
+    global ENABLED
+    if not (ENABLED and all(map(Tensor.is_contiguous, tensors))):
         return False
     device = tensors[0].device
     addresses = list(map(Tensor.data_ptr, tensors))
@@ -166,7 +167,6 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
     programs = len(plan.chunk_tensors)
     if not programs:
         return True
-    global ENABLED
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # Triton launches here
             _kernel()[(programs,)](
