@@ -318,7 +318,7 @@ class Clipper:
 
         grad_norms = l2 if record else None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
-        threshold = self.policy.threshold(layout, measured)
+        threshold = self.policy.threshold(layout, measured, finite)
         reported = self.policy.reported(threshold) if record else threshold
         applied = self.operator.apply(layout, grads, measured, threshold)
         self.policy.observe(layout, measured, applied, finite)
@@ -362,7 +362,8 @@ class Clipper:
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
         if "grad_max" in before and unscale is not None:
             before["grad_max"] = before["grad_max"] * unscale.to(before["grad_max"])
-        threshold = self.policy.threshold(layout, measured)
+        usable = finite & ~skip  # what the policy's state may learn from
+        threshold = self.policy.threshold(layout, measured, usable)
         reported = self.policy.reported(threshold) if record else threshold
         coef = torch.clamp(threshold / (measured.total + NORM_EPS), max=1.0).float()
         # the kernel divides by grad_scale (a GradScaler multiplies in its own scale first, "the product of the scales")
@@ -370,7 +371,7 @@ class Clipper:
         if not scaled:
             self._optimizer.found_inf = skip.float()
         applied = Applied(changed=coef < 1.0, scale=coef.expand(len(layout)))
-        self.policy.observe(layout, measured, applied, finite & ~skip)
+        self.policy.observe(layout, measured, applied, usable)
         self._clipped_steps = self._clipped_steps.to(coef.device) + (applied.changed & ~skip)
         self._judged_steps += 1
         if not record:

@@ -11,7 +11,8 @@ one's memory). On an H100 this took ``tensor_norm`` from 2.4-2.6x of ``norm``'s 
 
 Used for contiguous CUDA tensors when Triton is installed (CUDA builds of torch ship it); elsewhere, or with the
 environment variable ``LIGHTNING_CLIP_TRITON=0`` (read at import, or set :data:`ENABLED`), the callers use the
-foreach kernels, which compute the same products.
+foreach kernels, which compute the same products. The adaptive policies' kernels (``threshold_kernels.py``) are
+switched by the same flag and launched by the same :func:`launch`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: Whether CUDA tensors are scaled with the Triton kernel (where it applies); the foreach kernels otherwise.
+#: Whether the Triton kernels run where they apply (this module's scaling, and the policies' steps); PyTorch's
+#: kernels otherwise.
 ENABLED = os.environ.get("LIGHTNING_CLIP_TRITON", "1") != "0"
 
 #: Elements per program. Tensors whose index does not fit in int32 with a chunk to spare keep the foreach path.
@@ -96,6 +98,11 @@ def _on_kernel_device(tensor: Tensor) -> bool:
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
+def runs_on(tensor: Tensor) -> bool:
+    """Whether this module's kernels are on and can run on ``tensor``'s device (Triton installed)."""
+    return ENABLED and _on_kernel_device(tensor) and _kernel() is not None
+
+
 @dataclass
 class Plan:
     """The static tables for one list of tensors (shapes fixed by the layout), on their device, and the offset table
@@ -117,7 +124,7 @@ def plan(tensors: Sequence[Tensor], factor_starts: list[int], units: list[int] |
     """The tables for scaling ``tensors`` (the gradients of one layout run, every step the same shapes) by
     ``factors[factor_starts[i]]`` each, or with ``units`` by ``units[i]`` consecutive factors from there, one per
     slice along dim 0; ``None`` where the kernel does not apply."""
-    if not (ENABLED and tensors and _on_kernel_device(tensors[0]) and tensors[0].dtype in _DTYPES and _kernel()):
+    if not (tensors and runs_on(tensors[0]) and tensors[0].dtype in _DTYPES):
         return None
     if any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors):
         return None
@@ -150,7 +157,6 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
     """Scale ``tensors`` in place as planned, in one launch; ``False`` (nothing done) if one of them is not
     contiguous this step, or if the kernel cannot be compiled for this GPU (a warning says so, and it is not tried
     again). Their dtype is the planned one: a gradient always has its parameter's."""
-    global ENABLED
     if not (ENABLED and all(map(Tensor.is_contiguous, tensors))):
         return False
     device = tensors[0].device
@@ -167,16 +173,24 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
     programs = len(plan.chunk_tensors)
     if not programs:
         return True
+    return launch(
+        _kernel(), programs, device, "scaling",
+        tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
+        plan.numels, plan.factor_starts, plan.row_sizes,
+        PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
+    )  # fmt: skip
+
+
+def launch(kernel, programs: int, device: torch.device, what: str, *args, **constants) -> bool:
+    """Launch a Triton ``kernel`` on ``programs`` programs on ``device``; ``False`` (nothing done) if it cannot be
+    compiled for this GPU: then a warning says so and no kernel of this module is tried again (:data:`ENABLED`)."""
+    global ENABLED
     try:
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():  # Triton launches here
-            _kernel()[(programs,)](
-                tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
-                plan.numels, plan.factor_starts, plan.row_sizes,
-                PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
-            )  # fmt: skip
-    except Exception as error:  # compiling for this GPU failed (before anything was written): foreach from now on
+            kernel[(programs,)](*args, **constants)
+    except Exception as error:  # compiling for this GPU failed (before anything was written)
         ENABLED = False
-        message = f"lightning_clip: the Triton scaling kernel cannot run here ({error!r}); using foreach kernels"
-        warnings.warn(message, stacklevel=2)
+        message = f"lightning_clip: the Triton {what} kernel cannot run here ({error!r}); using PyTorch's kernels"
+        warnings.warn(message, stacklevel=3)
         return False
     return True

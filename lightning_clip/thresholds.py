@@ -6,6 +6,10 @@ measured, returns the threshold in force, and after the step observes the outcom
 Adaptive state lives in device tensors and is updated with tensor ops (``torch.where``), never read back to the
 host, and never from a non-finite step: every update is masked with ``isfinite`` of the measured norm, so an fp16
 overflow step that a GradScaler skips (or a NaN step under ``nonfinite="ignore"``) leaves the state as it was.
+
+On CUDA the adaptive policies (AutoClip, ZClip, AdaGC) take their whole step, threshold and state update, in one
+kernel (``threshold_kernels.py``), from ``threshold``; their ``observe`` then has nothing left to do. The PyTorch
+code below defines them and runs everywhere else.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_clip import threshold_kernels
 from lightning_clip.operators import NORM_EPS, Applied, Measured, Threshold, tensor_norms
 from lightning_clip.params import Layout
 
@@ -23,7 +28,9 @@ from lightning_clip.params import Layout
 class ThresholdPolicy:
     """Base policy: a threshold per step, optional state."""
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> Threshold:
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> Threshold:
+        """This step's threshold. ``finite`` is what ``observe`` will be given: a policy that updates its state
+        here, in the same kernel (``threshold_kernels.py``), masks the update with it."""
         raise NotImplementedError
 
     def observe(self, layout: Layout, measured: Measured | None, applied: Applied, finite: Tensor | None) -> None:
@@ -130,8 +137,8 @@ class UnitUpdateCap(ReadsLearningRate, ThresholdPolicy):
     def __init__(self, inner: ThresholdPolicy, update_ratio: float) -> None:
         self.inner, self.update_ratio = inner, update_ratio
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> Threshold:
-        factor = self.inner.threshold(layout, measured)
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> Threshold:
+        factor = self.inner.threshold(layout, measured, finite)
         lr = self._learning_rate()
         if isinstance(lr, Tensor) or isinstance(factor, Tensor):
             device = (lr if isinstance(lr, Tensor) else factor).device
@@ -148,6 +155,11 @@ class UnitUpdateCap(ReadsLearningRate, ThresholdPolicy):
         self.inner.load_state_dict(state)
 
 
+def _saved(state: Tensor) -> Tensor:
+    """A copy of a state tensor on the host for a checkpoint (the kernels update the state in place)."""
+    return state.detach().to("cpu", copy=True)
+
+
 def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
     """Whether this step may update adaptive state: its measured norm is finite (and the clipper agrees)."""
     usable = torch.isfinite(measured.total)
@@ -160,7 +172,7 @@ class FixedThreshold(ThresholdPolicy):
     def __init__(self, value: float) -> None:
         self.value = float(value)
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> float:
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> float:
         return self.value
 
 
@@ -184,7 +196,7 @@ class ScheduledThreshold(ThresholdPolicy):
             return self.value * (self.factor + (1.0 - self.factor) * 0.5 * (1.0 + math.cos(math.pi * progress)))
         return self.value
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> float:
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> float:
         return self.at(self.step)
 
     def observe(self, layout, measured, applied, finite) -> None:
@@ -206,7 +218,7 @@ class DelayedThreshold(ScheduledThreshold):
         super().__init__(value)
         self.delay = delay
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> float:
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> float:
         return self.value if self.step + 1 >= self.delay else math.inf
 
 
@@ -242,25 +254,39 @@ class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
         self.history = torch.full((window,), math.nan)
         self.count = torch.zeros((), dtype=torch.long)
         self._threshold: Tensor | None = None  # this step's, for observe()
+        self._updated = False  # the kernel took this step's update with the threshold
 
     def _with_current(self, total: Tensor) -> Tensor:
         history = self.history.to(total.device, total.dtype)
         slot = (self.count.to(total.device) % self.window).reshape(1)
         return history.index_put((slot,), total.reshape(1))
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> Tensor:
         assert measured is not None
-        candidate = self._with_current(measured.total)
-        threshold = torch.nanquantile(candidate, self.percentile / 100.0)
+        total = measured.total
         self.steps += 1
-        if self.update_ratio and warming_up(self.steps - 1, self.warmup_steps):
-            guard = self._guard(layout, threshold)
+        guarded = self.update_ratio and warming_up(self.steps - 1, self.warmup_steps)
+        guard = self._guard(layout, total) if guarded else None
+        self._updated = False
+        if threshold_kernels.applies(total, self.window):
+            self.history, self.count = self.history.to(total.device, total.dtype), self.count.to(total.device)
+            threshold = threshold_kernels.autoclip_step(
+                total, finite, guard, self.history, self.count, self.percentile, self.warmup_steps, self.clipped_history
+            )
+            if threshold is not None:
+                self._updated = True
+                return threshold
+        candidate = self._with_current(total)
+        threshold = torch.nanquantile(candidate, self.percentile / 100.0)
+        if guard is not None:
             warming = self.count.to(threshold.device) < self.warmup_steps
             threshold = torch.where(warming, torch.minimum(threshold, guard), threshold)
         self._threshold = threshold
         return threshold
 
     def observe(self, layout, measured, applied, finite) -> None:
+        if self._updated:
+            return
         usable = _usable(measured, finite)
         norm = measured.total
         if self.clipped_history and self._threshold is not None:
@@ -271,7 +297,7 @@ class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
         self.count = self.count.to(usable.device) + usable.long()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history.detach().cpu(), "count": self.count.detach().cpu()}
+        return {"history": _saved(self.history), "count": _saved(self.count)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the history; saved with another ``window``, the most recent norms that fit are kept."""
@@ -329,6 +355,8 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
         self.var = torch.zeros(())
         self._spike: tuple[Tensor, Tensor] | None = None
         self._threshold: Tensor | None = None  # this step's, for observe()
+        self._reported: Tensor | None = None  # this step's spike threshold, where the kernel took the step
+        self._updated = False  # the kernel took this step's update with the threshold
 
     def _state_on(self, like: Tensor) -> None:
         self.warmup, self.mean, self.var = (t.to(like.device, like.dtype) for t in (self.warmup, self.mean, self.var))
@@ -348,18 +376,25 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
             limit = (self.mean + self.z_thresh * std / eta) * self.clip_factor
         return z > self.z_thresh, limit
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> Tensor:
         assert measured is not None
         norm = measured.total
         self._state_on(norm)
+        self.steps += 1
+        guarded = self.update_ratio and warming_up(self.steps - 1, self.warmup_steps)
+        guard = self._guard(layout, norm) if guarded else None
+        self._reported, self._updated = None, False
+        if threshold_kernels.applies(norm, self.warmup_steps):
+            out = threshold_kernels.zclip_step(self, norm, finite, guard)
+            if out is not None:
+                self._reported, self._updated = out[1], True
+                return out[0]
         initialized = self.count >= self.warmup_steps
         spike, limit = self._spike_and_limit(norm)
         spike = spike & initialized
         self._spike = (spike, limit)
         threshold = torch.where(spike, limit, torch.full_like(norm, math.inf))
-        self.steps += 1
-        if self.update_ratio and warming_up(self.steps - 1, self.warmup_steps):
-            guard = self._guard(layout, norm)
+        if guard is not None:
             threshold = torch.where(initialized, threshold, guard)
         if self.max_norm is not None:
             threshold = threshold.clamp(max=self.max_norm)
@@ -367,9 +402,13 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
         return threshold
 
     def reported(self, threshold: Threshold) -> Tensor:
+        if self._reported is not None:  # the state has moved on: the kernel kept the value from before
+            return self._reported
         return self.mean + self.z_thresh * self.var.sqrt()
 
     def observe(self, layout, measured, applied, finite) -> None:
+        if self._updated:
+            return
         norm = measured.total
         usable = _usable(measured, finite)
         spike, limit = self._spike if self._spike is not None else self._spike_and_limit(norm)
@@ -399,7 +438,7 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         tensors = {"warmup": self.warmup, "count": self.count, "mean": self.mean, "var": self.var}
-        return {name: t.detach().cpu() for name, t in tensors.items()}
+        return {name: _saved(t) for name, t in tensors.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the EMA; saved with another ``warmup_steps``, a finished warmup stays finished and an unfinished
@@ -464,6 +503,7 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         self.steps = 0  # steps taken, on the host
         self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
         self.count = torch.zeros((), dtype=torch.long)
+        self._updated = False  # the kernel took this step's update with the thresholds
 
     def _gamma(self, layout: Layout, like: Tensor) -> tuple[Tensor, Tensor | None]:
         """The thresholds, on ``like``'s device, and the positions of the layout's tensors in them (``None`` when
@@ -484,11 +524,10 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
             layout.state_index = (index, size)
         return self.gamma, index
 
-    def threshold(self, layout: Layout, measured: Measured | None) -> Tensor:
+    def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> Tensor:
         assert measured is not None
         norms = measured.norms
         gamma, index = self._gamma(layout, norms)
-        warming = self.count < self.warmup_steps
         self.steps += 1
         if self.lambda_abs is not None:
             limit = self.lambda_abs
@@ -496,6 +535,15 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
             limit = self._guard(layout, norms)
         else:
             limit = math.inf
+        self._updated = False
+        if threshold_kernels.applies(norms):
+            thresholds = threshold_kernels.adagc_step(
+                self, norms, measured.total, finite, limit, index, layout.clip_mask
+            )
+            if thresholds is not None:
+                self._updated = True
+                return thresholds
+        warming = self.count < self.warmup_steps
         coef = torch.clamp(limit / (measured.total + NORM_EPS), max=1.0)
         global_limits = coef * (norms + NORM_EPS)
         relative = self.lambda_rel * (gamma if index is None else gamma[index])  # +inf never seen: not clipped
@@ -507,6 +555,8 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         return torch.where(finite, threshold, 0.0).sum() / finite.sum().clamp(min=1)
 
     def observe(self, layout, measured, applied, finite) -> None:
+        if self._updated:
+            return
         usable = _usable(measured, finite)
         gamma, index = self._gamma(layout, measured.norms)
         clipped = measured.norms * applied.scale.to(measured.norms)
@@ -519,8 +569,8 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         self.count = self.count + usable.long()
 
     def state_dict(self) -> dict[str, Any]:
-        gamma = self.gamma.detach().cpu() if self.gamma is not None else torch.empty(0)
-        return {"gamma": gamma, "count": self.count.detach().cpu()}
+        gamma = _saved(self.gamma) if self.gamma is not None else torch.empty(0)
+        return {"gamma": gamma, "count": _saved(self.count)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gamma = state["gamma"].clone() if state["gamma"].numel() else None

@@ -161,7 +161,8 @@ def timm_adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3) -> None:
 
 
 def without_kernel(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the Triton scaling kernel off: its layout, made on the first call, keeps the foreach path."""
+    """``fn`` with the Triton kernels off: the scaling kernel (its layout, made on the first call, keeps the foreach
+    path) and the adaptive policies' one-kernel step (their PyTorch code runs instead)."""
 
     def call():
         kernels.ENABLED = False
@@ -250,6 +251,10 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
         cases.append(
             ("agc, foreach path (no Triton kernel)", "timm adaptive_clip_grad loop", foreach_agc, agc_baseline)
         )
+        for label, method, kwargs in adaptive[:3]:  # the policies' PyTorch code: dozens of small kernels a step
+            engine = without_kernel(clipper(method, params, "ignore", **kwargs))
+            label = f"{label}, PyTorch ops (no Triton kernels)"
+            cases.append((label, "norm, fixed max_norm (ours)", engine, fixed_norm))
     spam = clipper("spam", params, "ignore", optimizer=adam_with_moments(params), warmup_steps=1)
     cases.append(("spam, nonfinite=ignore", "norm, fixed max_norm (ours)", spam, fixed_norm))
     cases.append(

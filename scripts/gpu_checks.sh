@@ -3,7 +3,7 @@
 # output goes to $1 (default: gpu_checks/). Needs torch (CUDA build, with Triton) and Lightning; neither Hydra nor
 # W&B (the cuda tests and the benchmark import neither). pytest is installed from wheels in .whl/ when present.
 #
-#     bash scripts/gpu_checks.sh outdir                        # everything, about 3.5 minutes on an H100
+#     bash scripts/gpu_checks.sh outdir                        # everything, about 4 minutes on an H100
 #     bash scripts/gpu_checks.sh outdir cuda_tests benchmark   # only the named parts
 set -u
 out=${1:-gpu_checks}
@@ -31,7 +31,7 @@ if ! python -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; the
 fi
 
 run cuda_tests 240 python -m pytest -q -m cuda -p no:cacheprovider tests/test_kernels.py tests/test_cuda.py \
-    tests/test_sharding.py
+    tests/test_sharding.py tests/test_threshold_kernels.py
 run benchmark 240 python scripts/benchmark.py --device cuda --repeats 10
 run agc_profile 90 python - <<'EOF'
 # Where AGC's time goes at 1.1B: its kernels against the passes it cannot avoid (read the parameters and the
@@ -88,6 +88,35 @@ with profile(activities=[ProfilerActivity.CUDA]) as prof:
     ours()
     torch.cuda.synchronize()
 print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+EOF
+run policy_profile 90 python - <<'EOF'
+# CUDA kernels per step of each adaptive policy, with its one-kernel step and with its PyTorch code, against fixed
+# norm clipping, on the 200-tensor model (counted with the profiler after warm-up steps).
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, "scripts")
+import benchmark  # noqa: E402
+
+benchmark.DEVICE = torch.device("cuda")
+params = benchmark.make_model(benchmark.MODELS["200 tensors / 25M"])
+for p in params:
+    p.grad = torch.randn_like(p)
+cases = {"norm": {}, "autoclip": {"warmup_steps": 1}, "zclip": {"warmup_steps": 1}, "adagc": {"warmup_steps": 1}}
+for name, kwargs in cases.items():
+    ours = benchmark.clipper(name, params, "ignore", **kwargs)
+    pytorch_ops = benchmark.without_kernel(benchmark.clipper(name, params, "ignore", **kwargs))
+    for label, step in (("kernel", ours), ("PyTorch ops", pytorch_ops)):
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        launched = sum(e.count for e in prof.key_averages() if e.device_type.name == "CUDA")
+        print(f"{name} ({label}): {launched} CUDA kernels per step")
 EOF
 run methods 120 python scripts/benchmark.py --methods --device cuda --repeats 10
 run fused 150 python scripts/benchmark.py --fused --device cuda --repeats 10
