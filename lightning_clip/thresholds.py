@@ -255,6 +255,7 @@ class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
         self.count = torch.zeros((), dtype=torch.long)
         self._threshold: Tensor | None = None  # this step's, for observe()
         self._updated = False  # the kernel took this step's update with the threshold
+        self._placed: tuple | None = None  # the device and dtype the kernel last found the state on
 
     def _with_current(self, total: Tensor) -> Tensor:
         history = self.history.to(total.device, total.dtype)
@@ -269,7 +270,9 @@ class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
         guard = self._guard(layout, total) if guarded else None
         self._updated = False
         if threshold_kernels.applies(total, self.window):
-            self.history, self.count = self.history.to(total.device, total.dtype), self.count.to(total.device)
+            if self._placed != (total.device, total.dtype):
+                self.history, self.count = self.history.to(total.device, total.dtype), self.count.to(total.device)
+                self._placed = (total.device, total.dtype)
             threshold = threshold_kernels.autoclip_step(
                 total, finite, guard, self.history, self.count, self.percentile, self.warmup_steps, self.clipped_history
             )
@@ -303,6 +306,7 @@ class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
         """Restores the history; saved with another ``window``, the most recent norms that fit are kept."""
         self.history = resized_ring(state["history"], int(state["count"]), self.window)
         self.count = state["count"].clone()
+        self._placed = None
 
 
 class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
@@ -357,10 +361,14 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
         self._threshold: Tensor | None = None  # this step's, for observe()
         self._reported: Tensor | None = None  # this step's spike threshold, where the kernel took the step
         self._updated = False  # the kernel took this step's update with the threshold
+        self._placed: tuple | None = None  # the device and dtype the state is on
 
     def _state_on(self, like: Tensor) -> None:
+        if self._placed == (like.device, like.dtype):  # the usual step: nothing to move (host time)
+            return
         self.warmup, self.mean, self.var = (t.to(like.device, like.dtype) for t in (self.warmup, self.mean, self.var))
         self.count = self.count.to(like.device)
+        self._placed = (like.device, like.dtype)
 
     def _spike_and_limit(self, norm: Tensor) -> tuple[Tensor, Tensor]:
         """Whether ``norm`` is a spike under the current EMA, and the value to clip it to if so."""
@@ -387,8 +395,9 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
         if threshold_kernels.applies(norm, self.warmup_steps):
             out = threshold_kernels.zclip_step(self, norm, finite, guard)
             if out is not None:
-                self._reported, self._updated = out[1], True
-                return out[0]
+                threshold, self._reported = out.unbind()
+                self._updated = True
+                return threshold
         initialized = self.count >= self.warmup_steps
         spike, limit = self._spike_and_limit(norm)
         spike = spike & initialized
@@ -456,6 +465,7 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
             warmup = resized
         self.warmup, self.count = warmup.clone(), count
         self.mean, self.var = state["mean"].clone(), state["var"].clone()
+        self._placed = None
 
 
 class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
@@ -504,6 +514,7 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         self.gamma: Tensor | None = None  # per tensor of the param set, +inf until seen
         self.count = torch.zeros((), dtype=torch.long)
         self._updated = False  # the kernel took this step's update with the thresholds
+        self._placed: tuple | None = None  # the device and dtype the state is on
 
     def _gamma(self, layout: Layout, like: Tensor) -> tuple[Tensor, Tensor | None]:
         """The thresholds, on ``like``'s device, and the positions of the layout's tensors in them (``None`` when
@@ -518,7 +529,9 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
             if self.gamma is not None:
                 grown[: self.gamma.numel()] = self.gamma.to(grown)
             self.gamma = grown
-        self.gamma, self.count = self.gamma.to(like.device, like.dtype), self.count.to(like.device)
+        if self._placed != (like.device, like.dtype):  # the usual step: nothing to move (host time)
+            self.gamma, self.count = self.gamma.to(like.device, like.dtype), self.count.to(like.device)
+            self._placed = (like.device, like.dtype)
         if index is None and self.gamma.numel() > size:  # more thresholds than this layout has tensors
             index = torch.arange(size, device=like.device)
             layout.state_index = (index, size)
@@ -575,3 +588,4 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gamma = state["gamma"].clone() if state["gamma"].numel() else None
         self.count = state["count"].clone()
+        self._placed = None

@@ -129,3 +129,21 @@ def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monke
         clipper.step()
     for p in params:
         torch.testing.assert_close(p.grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_a_compiled_kernel_is_launched_again_only_for_what_it_was_specialised_on():
+    """``kernels.launch`` keeps Triton's compiled kernels under their specialisation: the constexprs, each integer's
+    value, each tensor's dtype, each argument's type. A tensor that is not 16-byte aligned goes through Triton's own
+    launch, which specialises on alignment; floats are not specialised on."""
+    cpu, aligned = torch.device("cpu"), torch.zeros(8)
+    key = kernels._specialization("kernel", cpu, (aligned, 3, 0.5), {"BLOCK": 16})
+    assert key == kernels._specialization("kernel", cpu, (torch.ones(8), 3, 0.25), {"BLOCK": 16})
+    assert kernels._specialization("kernel", cpu, (torch.zeros(9)[1:], 3, 0.5), {"BLOCK": 16}) is None
+    others = [
+        ((aligned.double(), 3, 0.5), {"BLOCK": 16}),
+        ((aligned, 1, 0.5), {"BLOCK": 16}),
+        ((aligned, 3, 1), {"BLOCK": 16}),
+        ((aligned, 3, 0.5), {"BLOCK": 32}),
+    ]
+    for args, constants in others:
+        assert kernels._specialization("kernel", cpu, args, constants) != key
