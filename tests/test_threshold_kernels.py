@@ -27,7 +27,10 @@ CASES = [
     ("zclip", {"warmup_steps": 4}),
     ("zclip", {"warmup_steps": 4, "mode": "percentile", "clipped_warmup": False}),
     ("zclip", {"warmup_steps": 3, "clip_option": "mean", "freeze_on_spike": True, "threshold_cap": 14.0}),
-    ("zclip", {"warmup_steps": 5, "threshold_scale": 0.8, "alpha": 0.9, "z_thresh": 1.5, "warmup_update_ratio": 0}),
+    (
+        "zclip",
+        {"warmup_steps": 5, "threshold_scale": 0.8, "z_thresh": 1.5, "warmup_update_ratio": 0, "threshold_cap": 10},
+    ),
     ("adagc", {"warmup_steps": 4}),
     ("adagc", {"warmup_steps": 4, "lambda_abs": 1.0, "warmup_threshold": "min"}),
     ("adagc", {"warmup_steps": 3, "warmup_update_ratio": 0.0, "exclude": ["layer1*"]}),
