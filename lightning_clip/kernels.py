@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import warnings
 from collections.abc import Sequence
@@ -93,6 +94,49 @@ def _kernel():
     return multiply
 
 
+@functools.cache
+def _norm_kernel():
+    """The unit-norm kernel (``None`` without Triton): the L2 norm of every unit (slice along dim 0) of many tensors in
+    one launch, where torch takes one ``vector_norm`` launch per tensor. Each program takes whole rows of one tensor,
+    about :data:`CHUNK` elements' worth (at least one row), and sums each row's squares in float32."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def unit_norms(
+        base,  # one of the tensors: the others are addressed from it
+        offsets,  # int64, per tensor: its address less the base's, in elements
+        out,  # float32, one per unit of every tensor
+        chunk_tensors,  # int32, per program: which tensor
+        chunk_starts,  # int32, per program: its first row
+        units,  # int32, per tensor: how many rows
+        unit_starts,  # int32, per tensor: the position of its first row's norm in ``out``
+        row_sizes,  # int32, per tensor: elements per row
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        tensor = tl.load(chunk_tensors + program)
+        first = tl.load(chunk_starts + program)
+        size = tl.load(row_sizes + tensor)
+        count = tl.minimum(tl.maximum(CHUNK // size, 1), tl.load(units + tensor) - first)
+        pointer = base + tl.load(offsets + tensor)
+        unit = tl.load(unit_starts + tensor) + first
+        for r in range(0, count):
+            row = pointer + (first + r) * size
+            squares = tl.zeros([BLOCK], dtype=tl.float32)
+            for offset in range(0, size, BLOCK):
+                index = offset + tl.arange(0, BLOCK)
+                values = tl.load(row + index, mask=index < size, other=0.0).to(tl.float32)
+                squares += values * values
+            tl.store(out + unit + r, tl.sqrt_rn(tl.sum(squares, axis=0)))
+
+    return unit_norms
+
+
 def _on_kernel_device(tensor: Tensor) -> bool:
     """CUDA; or CPU under Triton's interpreter (``TRITON_INTERPRET=1``), where tests run the kernel without a GPU."""
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
@@ -106,7 +150,8 @@ def runs_on(tensor: Tensor) -> bool:
 @dataclass
 class Plan:
     """The static tables for one list of tensors (shapes fixed by the layout), on their device, and the offset table
-    of the addresses seen last (with the vector width they allow)."""
+    of the addresses seen last (with the vector width they allow). In a unit-norm plan (:func:`norm_plan`) a chunk
+    starts at a row, ``numels`` holds each tensor's rows and ``factor_starts`` the position of its first norm."""
 
     chunk_tensors: Tensor
     chunk_starts: Tensor
@@ -118,6 +163,8 @@ class Plan:
     addresses: list[int] | None = None
     offset_table: Tensor | None = None
     vector: int = 1
+    block: int = 1024  # elements a program loads at once
+    outputs: int = 0  # unit-norm plans: how many norms
 
 
 def plan(tensors: Sequence[Tensor], factor_starts: list[int], units: list[int] | None) -> Plan | None:
@@ -153,28 +200,81 @@ def plan(tensors: Sequence[Tensor], factor_starts: list[int], units: list[int] |
     )
 
 
-def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
-    """Scale ``tensors`` in place as planned, in one launch; ``False`` (nothing done) if one of them is not
-    contiguous this step, or if the kernel cannot be compiled for this GPU (a warning says so, and it is not tried
-    again). Their dtype is the planned one: a gradient always has its parameter's."""
-    if not (ENABLED and all(map(Tensor.is_contiguous, tensors))):
-        return False
+def norm_plan(tensors: Sequence[Tensor], units: list[int]) -> Plan | None:
+    """The tables for the unit norms of ``tensors`` (2+ dims, ``units[i]`` rows each, every step the same shapes),
+    concatenated in order; ``None`` where the kernel does not apply (float64 keeps torch's kernels, as do empty
+    rows)."""
+    if not (tensors and runs_on(tensors[0]) and tensors[0].dtype in _DTYPES[:3] and _norm_kernel()):
+        return None
+    if any(t.dtype != tensors[0].dtype or t.device != tensors[0].device for t in tensors):
+        return None
+    numels = [t.numel() for t in tensors]
+    if max(numels) > _INT32_LIMIT or any(u and not n for u, n in zip(units, numels)):
+        return None
+    sizes = [n // u if u else 1 for n, u in zip(numels, units)]
+    per_chunk = torch.tensor([max(CHUNK // size, 1) for size in sizes])
+    counts = (torch.tensor(units) + per_chunk - 1) // per_chunk
+    chunk_tensors = torch.repeat_interleave(torch.arange(len(tensors)), counts)
+    firsts = torch.cumsum(counts, 0) - counts
+    chunk_starts = (torch.arange(int(counts.sum())) - firsts[chunk_tensors]) * per_chunk[chunk_tensors]
+    unit_starts = list(itertools.accumulate(units, initial=0))
     device = tensors[0].device
+
+    def table(values) -> Tensor:
+        return torch.as_tensor(values, dtype=torch.int32).to(device)
+
+    block = min(max(1 << (max(sizes) - 1).bit_length(), 16), 1024)
+    base = next((i for i, numel in enumerate(numels) if numel), 0)
+    return Plan(table(chunk_tensors), table(chunk_starts), table(units), table(unit_starts[:-1]), table(sizes), True,
+                base, block=block, outputs=unit_starts[-1])  # fmt: skip
+
+
+def unit_norms(plan: Plan, tensors: Sequence[Tensor]) -> Tensor | None:
+    """The L2 norm of every unit of ``tensors`` as planned, concatenated, in float32, in one launch; ``None`` if one
+    of them is not contiguous this step, or if the kernel cannot run (as :func:`multiply_`)."""
+    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
+        return None
+    device = tensors[0].device
+    out = torch.empty(plan.outputs, dtype=torch.float32, device=device)
+    programs = len(plan.chunk_tensors)
+    if not programs:
+        return out
+    ran = launch(
+        _norm_kernel(), programs, device, "unit-norm",
+        tensors[plan.base], plan.offset_table, out, plan.chunk_tensors, plan.chunk_starts, plan.numels,
+        plan.factor_starts, plan.row_sizes, CHUNK=CHUNK, BLOCK=plan.block,
+    )  # fmt: skip
+    return out if ran else None
+
+
+def _locate(plan: Plan, tensors: Sequence[Tensor]) -> bool:
+    """Where the tensors are this step, as offsets from the plan's base tensor in elements (a table rebuilt only when
+    an address changed, copied from pinned memory: no host sync); ``False`` if one is not aligned to its element."""
     addresses = list(map(Tensor.data_ptr, tensors))
     if addresses != plan.addresses:
         size = tensors[0].element_size()
         if any(a % size for a in addresses):
             return False
+        device = tensors[0].device
         offsets = [(a - addresses[plan.base]) // size for a in addresses]
         staged = torch.tensor(offsets, dtype=torch.int64, pin_memory=device.type == "cuda")
         plan.offset_table = staged.to(device, non_blocking=True)  # pinned: no host sync
         plan.vector = 16 // size if all(a % 16 == 0 for a in addresses) and size <= 16 else 1
         plan.addresses = addresses
+    return True
+
+
+def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
+    """Scale ``tensors`` in place as planned, in one launch; ``False`` (nothing done) if one of them is not
+    contiguous this step, or if the kernel cannot be compiled for this GPU (a warning says so, and it is not tried
+    again). Their dtype is the planned one: a gradient always has its parameter's."""
+    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
+        return False
     programs = len(plan.chunk_tensors)
     if not programs:
         return True
     return launch(
-        _kernel(), programs, device, "scaling",
+        _kernel(), programs, tensors[0].device, "scaling",
         tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
         plan.numels, plan.factor_starts, plan.row_sizes,
         PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,

@@ -124,7 +124,7 @@ def _scale_each_(
     scale (and their factors) out of ``tensors``. On CUDA one launch of :mod:`lightning_clip.kernels` where it
     applies; otherwise one foreach kernel over views of the factors (on CUDA, one kernel per tensor)."""
     chosen = tensors if select is None else select(tensors)
-    plan = layout.scale_plans.get(key, False)
+    plan = layout.kernel_plans.get(key, False)
     if plan is False:
         starts: Sequence[int] = range(len(tensors))
         if units is not None:
@@ -132,7 +132,7 @@ def _scale_each_(
         if select is not None:
             starts = select(starts)
         chosen_units = units if units is None or select is None else list(select(units))
-        plan = layout.scale_plans[key] = kernels.plan(chosen, list(starts), chosen_units)
+        plan = layout.kernel_plans[key] = kernels.plan(chosen, list(starts), chosen_units)
     if plan is not None and kernels.multiply_(plan, chosen, factors.reshape(-1)):
         return
     views = _factor_views(layout, key, factors, units)
@@ -334,6 +334,20 @@ class _UnitGroup:
     parts: list[list[int]]
 
 
+def _unit_norms_in_one_launch(layout: Layout, key: Any, tensors: list[Tensor], group: _UnitGroup) -> Tensor | None:
+    """A rank group's column of unit norms from the unit-norm kernel, where it applies: CUDA, no stacked parts, no
+    sharding (there a rank's rows come from the collective's layout)."""
+    if layout.reducer is not None or any(len(part) > 1 for part in group.parts):
+        return None
+    plan = layout.kernel_plans.get(key, False)
+    if plan is False:
+        plan = layout.kernel_plans[key] = kernels.norm_plan(tensors, group.units)
+    if plan is None:
+        return None
+    column = kernels.unit_norms(plan, tensors)
+    return None if column is None else column.view(-1, *[1] * len(group.dims))
+
+
 @dataclass
 class _UnitwiseRun:
     """The static split of one device/dtype run for AGC: 1-D tensors (one unit each, ``vectors``), tensors of 2+
@@ -416,8 +430,10 @@ class UnitwiseClip(ClipOperator):
         return stacked + [[k] for k, _ in shapes if k not in together]
 
     @staticmethod
-    def _unit_norms(tensors: list[Tensor], split: _UnitwiseRun) -> list[Tensor]:
-        """Unit norms of a run: a vector (one per 1-D tensor), then one ``(units, 1, ...)`` column per rank group."""
+    def _unit_norms(layout: Layout, key: Any, tensors: list[Tensor], split: _UnitwiseRun) -> list[Tensor]:
+        """Unit norms of a run: a vector (one per 1-D tensor), then one ``(units, 1, ...)`` column per rank group.
+        On CUDA a group of tensors measured one by one takes one launch of the unit-norm kernel
+        (:func:`kernels.unit_norms`) instead of one ``vector_norm`` each; ``key`` names the tensors' plans."""
         columns = []
         if split.vectors:
             dtype = _norm_dtype(tensors[split.vectors[0]])
@@ -432,7 +448,11 @@ class UnitwiseClip(ClipOperator):
             if singles:
                 norms.append(torch.stack(torch._foreach_norm(singles, 2, dtype=dtype)))
             columns.append(torch.cat(norms))
-        for group in split.groups:
+        for number, group in enumerate(split.groups):
+            column = _unit_norms_in_one_launch(layout, (key, number), [tensors[k] for k in group.positions], group)
+            if column is not None:
+                columns.append(column)
+                continue
             dtype = _norm_dtype(tensors[group.positions[0]])
             norms = []
             for part in group.parts:
@@ -455,8 +475,8 @@ class UnitwiseClip(ClipOperator):
         params = layout.local_params()
         for (_, run), split in zip(layout.groups, self._runs(layout)):
             run_grads = grads[run]
-            grad_columns = self._unit_norms(run_grads, split)
-            param_columns = self._unit_norms(params[run], split)
+            grad_columns = self._unit_norms(layout, ("grad units", run.start), run_grads, split)
+            param_columns = self._unit_norms(layout, ("param units", run.start), params[run], split)
             parts = grad_columns[:1] if split.vectors else []
             for group, column in zip(split.groups, grad_columns[len(parts) :]):
                 squares = column.reshape(-1).square()

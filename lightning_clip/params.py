@@ -66,8 +66,8 @@ class Layout:
     ``held_index`` (operators: where a run's held tensors go), ``unitwise`` (operators: AGC's split of each run),
     ``layer_indices`` (stats: the layer of each tensor, per grouping), ``state_index`` (thresholds: ``indices`` as
     a device tensor, ``None`` when they are 0..n-1 in order, and the size of the state they index),
-    ``factor_slots`` (operators: buffers for per-tensor factors and their views), ``scale_plans`` (operators: the
-    tables of the CUDA scaling kernel, :mod:`lightning_clip.kernels`).
+    ``factor_slots`` (operators: buffers for per-tensor factors and their views), ``kernel_plans`` (operators: the
+    tables of the CUDA scaling and unit-norm kernels, :mod:`lightning_clip.kernels`).
 
     ``held`` lists, for each run that has any, the positions within the run of the tensors this rank holds
     elements of: a sharded tensor may have none here (FSDP1 places a parameter in one or two ranks' flat shards; a
@@ -89,7 +89,7 @@ class Layout:
     layer_indices: dict[Any, Any] = field(default_factory=dict)
     state_index: tuple[Tensor | None, int] | None = None
     factor_slots: dict[Any, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
-    scale_plans: dict[Any, Any] = field(default_factory=dict)
+    kernel_plans: dict[Any, Any] = field(default_factory=dict)
 
     @classmethod
     def build(

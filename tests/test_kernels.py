@@ -1,6 +1,7 @@
-"""The Triton scaling kernel against torch's own multiplication in float64: on a CUDA GPU (marked ``cuda``), and on
-CPU under Triton's interpreter where Triton is installed (CI has no Triton: that test then skips; the cuda ones
-skip without a GPU). Without either, the operators take the foreach path, which the other tests cover."""
+"""The Triton scaling and unit-norm kernels against torch's own multiplication and norms in float64: on a CUDA GPU
+(marked ``cuda``), and on CPU under Triton's interpreter where Triton is installed (CI has no Triton: that test then
+skips; the cuda ones skip without a GPU). Without either, the operators take the foreach path, which the other tests
+cover."""
 
 import importlib.util
 import os
@@ -71,9 +72,46 @@ def check_kernel(device: str) -> None:
     assert not kernels.multiply_(plan, strided, torch.ones(1, device=device))
 
 
+#: For the unit-norm kernel: no rows, one row, rows longer than a block and than a chunk, many short rows over
+#: several chunks, conv kernels.
+UNIT_SHAPES = [(0, 4), (1, 5), (3, 3000), (2, kernels.CHUNK + 5), (300, 70), (16, 3, 3, 3), (5, 2, 3), (64, 64)]
+
+
+def check_unit_norms(device: str) -> None:
+    """The unit norms of every shape in one launch, against ``vector_norm`` over each row in float64: fp32, fp16 and
+    bf16 (summed in float32); tensors that move, views one element off a 16-byte boundary, a non-contiguous tensor
+    (declined), and empty rows (no plan)."""
+    gen = torch.Generator().manual_seed(0)
+    units = [s[0] for s in UNIT_SHAPES]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        tensors = [torch.randn(s, generator=gen).to(device, dtype) for s in UNIT_SHAPES]
+        plan = kernels.norm_plan(tensors, units)
+        assert plan is not None
+        for step in range(3):
+            if step == 1:  # new tensors at new addresses
+                tensors = [(torch.randn(s, generator=gen) * 3).to(device, dtype) for s in UNIT_SHAPES]
+            if step == 2:  # views of one buffer, each one element after a 16-byte boundary
+                sizes = [t.numel() + 1 for t in tensors]
+                flat = torch.randn(sum(sizes), generator=gen).to(device, dtype)
+                tensors = [p[1:].view(s) for p, s in zip(flat.split(sizes), UNIT_SHAPES)]
+            norms = kernels.unit_norms(plan, tensors)
+            assert norms is not None and norms.dtype == torch.float32 and norms.shape == (sum(units),)
+            expected = torch.cat([torch.linalg.vector_norm(t.double().flatten(1), dim=1) for t in tensors])
+            torch.testing.assert_close(norms.double(), expected.to(norms.device), rtol=1e-5, atol=1e-6)
+    strided = [torch.randn(8, 8, device=device).t()]
+    assert kernels.unit_norms(kernels.norm_plan(strided, [8]), strided) is None
+    assert kernels.norm_plan([torch.zeros(3, 0, device=device)], [3]) is None
+    assert kernels.norm_plan([torch.zeros(3, 4, device=device, dtype=torch.float64)], [3]) is None
+
+
 @pytest.mark.cuda
 def test_kernel_on_cuda_matches_float64():
     check_kernel("cuda")
+
+
+@pytest.mark.cuda
+def test_unit_norm_kernel_on_cuda_matches_float64():
+    check_unit_norms("cuda")
 
 
 @pytest.mark.cuda
@@ -94,7 +132,7 @@ def test_no_plan_on_cpu_without_the_interpreter(monkeypatch):
 def test_kernel_under_the_triton_interpreter_matches_float64():
     """The same checks on CPU tensors, in a process where Triton interprets the kernel."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import test_kernels; test_kernels.check_kernel('cpu')"
+    code = "import test_kernels; test_kernels.check_kernel('cpu'); test_kernels.check_unit_norms('cpu')"
     here = os.path.dirname(__file__)
     result = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]

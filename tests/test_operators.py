@@ -318,7 +318,7 @@ def test_tensor_norm_factors_are_right_at_every_step_with_the_buffers_reused():
         for p, a in zip(params, alone):
             torch.testing.assert_close(p.grad, a.grad, rtol=1e-6, atol=1e-8)
     layout = clipper.params.layout()
-    on_kernel = any(plan is not None for plan in layout.scale_plans.values())  # Triton's (interpreter): no views
+    on_kernel = any(plan is not None for plan in layout.kernel_plans.values())  # Triton's (interpreter): no views
     assert len(layout.factor_slots) == (0 if on_kernel else 1)
 
 
