@@ -1,5 +1,7 @@
 """One CUDA kernel (Triton) that multiplies many gradients by factors of their own, in one launch: one factor per
-tensor (per-tensor clipping, AdaGC) or one per unit, a slice along dim 0 (AGC).
+tensor (per-tensor clipping, AdaGC) or one per unit, a slice along dim 0 (AGC). A second one takes the L2 norm of
+every unit of many tensors in one launch (AGC's measurement, :func:`unit_norms`), where torch takes one
+``vector_norm`` launch per tensor: on an H100 this took AGC from 2.0-3.8x of ``norm``'s time to 0.75-1.3x.
 
 ``torch._foreach_mul_(tensors, factors)`` does the same with one 0-d or ``(rows, 1, ...)`` factor per tensor, but
 on CUDA a foreach kernel keeps its fast path (many tensors per launch) only where the factors match the tensors in

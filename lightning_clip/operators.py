@@ -368,8 +368,9 @@ class UnitwiseClip(ClipOperator):
     the layout's exclusions (the paper excludes the final classifier) are left unclipped.
 
     torch has no foreach reduction along a dimension, so unit-wise norms take one kernel per tensor of 2+ dims, or
-    one per stack of small tensors that share a shape (:data:`STACK_MAX_NUMEL`); they are then concatenated so that
-    the ratio, the clamping and the scaling are a few kernels per run.
+    one per stack of small tensors that share a shape (:data:`STACK_MAX_NUMEL`); on CUDA the tensors measured one by
+    one take one launch of :func:`kernels.unit_norms` instead. They are then concatenated so that the ratio, the
+    clamping and the scaling are a few kernels per run.
     """
 
     def __init__(self, eps: float = 1e-3) -> None:
