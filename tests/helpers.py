@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -123,3 +126,16 @@ class _paused:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+
+
+#: Whether Triton is installed: then the kernels can run on CPU under its interpreter.
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def run_under_triton_interpreter(code: str) -> None:
+    """Run ``code`` in a fresh process from ``tests/`` where Triton interprets its kernels on CPU
+    (``TRITON_INTERPRET=1`` is read once, at import); fails with the process's error output."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    here = os.path.dirname(__file__)
+    result = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -3,15 +3,12 @@
 skips; the cuda ones skip without a GPU). Without either, the operators take the foreach path, which the other tests
 cover."""
 
-import importlib.util
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
+from helpers import HAS_TRITON, run_under_triton_interpreter
 from lightning_clip import kernels
 
 #: Shapes that cover empty tensors (first, so the kernel addresses from another), one element, several chunks
@@ -128,14 +125,10 @@ def test_no_plan_on_cpu_without_the_interpreter(monkeypatch):
     assert kernels.plan([torch.ones(3)], [0], None) is None
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_under_the_triton_interpreter_matches_float64():
     """The same checks on CPU tensors, in a process where Triton interprets the kernel."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import test_kernels; test_kernels.check_kernel('cpu'); test_kernels.check_unit_norms('cpu')"
-    here = os.path.dirname(__file__)
-    result = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_under_triton_interpreter("import test_kernels as t; t.check_kernel('cpu'); t.check_unit_norms('cpu')")
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monkeypatch):

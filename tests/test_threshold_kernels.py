@@ -4,16 +4,13 @@ every way a step can be non-finite, and every path of the clipper. On a GPU (``c
 Triton's interpreter where Triton is installed (CI has no Triton: that test skips there; the policies' own tests in
 ``test_thresholds.py`` check the PyTorch code against the papers' formulas)."""
 
-import importlib.util
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
+from helpers import HAS_TRITON, run_under_triton_interpreter
 from lightning_clip import kernels, methods, threshold_kernels
 from lightning_clip.clipper import Clipper
 
@@ -159,13 +156,9 @@ def test_policy_kernels_match_the_pytorch_code_on_cuda():
     check_policies("cuda")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_policy_kernels_under_the_triton_interpreter_match_the_pytorch_code():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    code = "import test_threshold_kernels as t; t.check_policies('cpu')"
-    here = os.path.dirname(__file__)
-    result = subprocess.run([sys.executable, "-c", code], cwd=here, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_under_triton_interpreter("import test_threshold_kernels as t; t.check_policies('cpu')")
 
 
 def test_no_kernel_on_cpu_without_the_interpreter(monkeypatch):
