@@ -1,7 +1,9 @@
 """One CUDA kernel (Triton) that multiplies many gradients by factors of their own, in one launch: one factor per
 tensor (per-tensor clipping, AdaGC) or one per unit, a slice along dim 0 (AGC). A second one takes the L2 norm of
 every unit of many tensors in one launch (AGC's measurement, :func:`unit_norms`), where torch takes one
-``vector_norm`` launch per tensor: on an H100 this took AGC from 2.0-3.8x of ``norm``'s time to 0.75-1.3x.
+``vector_norm`` launch per tensor: on an H100 this took AGC from 2.0-3.8x of ``norm``'s time to 0.75-1.3x. A third
+clamps many gradients to limits set by their optimizer's second moments (SPAM, :func:`clip_to_moments_`), where the
+foreach path takes eight kernels and two gradient-sized temporaries.
 
 ``torch._foreach_mul_(tensors, factors)`` does the same with one 0-d or ``(rows, 1, ...)`` factor per tensor, but
 on CUDA a foreach kernel keeps its fast path (many tensors per launch) only where the factors match the tensors in
@@ -137,6 +139,61 @@ def _norm_kernel():
             tl.store(out + unit + r, tl.sqrt_rn(tl.sum(squares, axis=0)))
 
     return unit_norms
+
+
+@functools.cache
+def _spike_kernel():
+    """SPAM's clip in one launch (``None`` without Triton): every element of many gradients clamped to
+    ``+-(sqrt(theta * v) + tiny)``, ``v`` its element of the optimizer's second moment, in float32; where ``v`` is 0 the
+    limit is infinite. The same arithmetic as the foreach path of ``operators.SpikeAwareClip``, which launches eight
+    foreach kernels and holds two gradient-sized temporaries; this reads the gradient and the moment once and writes
+    the gradient once."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def clip_to_moments(
+        base,  # one of the gradients: the other tensors are addressed from it
+        offsets,  # int64: the gradients' offsets from the base, in elements, then their moments'
+        count,  # how many gradients
+        theta,
+        chunk_tensors,  # int32, per program: which gradient
+        chunk_starts,  # int32, per program: the first element of its chunk
+        numels,  # int32, per gradient
+        VECTOR: tl.constexpr,  # every offset a multiple of this (16 bytes' worth when all are 16-byte aligned)
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        tensor = tl.load(chunk_tensors + program)
+        start = tl.load(chunk_starts + program)
+        grad = base + tl.multiple_of(tl.load(offsets + tensor), VECTOR)
+        moment = base + tl.multiple_of(tl.load(offsets + count + tensor), VECTOR)
+        end = tl.minimum(tl.load(numels + tensor) - start, CHUNK)
+        full = (end // BLOCK) * BLOCK
+        tiny = 1.1754943508222875e-38  # float32's smallest normal number, as the foreach path adds
+        for offset in range(0, full, BLOCK):  # whole blocks: no mask, so the loads vectorize
+            index = tl.max_contiguous(tl.multiple_of(start + offset + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            g = tl.load(grad + index)
+            v = tl.load(moment + index).to(tl.float32)
+            limit = tl.where(v == 0.0, float("inf"), tl.sqrt_rn(v * theta) + tiny)
+            low = tl.minimum(g.to(tl.float32), limit, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
+            clipped = tl.maximum(low, -limit, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(grad + index, clipped.to(g.dtype))
+        if full < end:
+            index = start + full + tl.arange(0, BLOCK)
+            inside = index < start + end
+            g = tl.load(grad + index, mask=inside)
+            v = tl.load(moment + index, mask=inside).to(tl.float32)
+            limit = tl.where(v == 0.0, float("inf"), tl.sqrt_rn(v * theta) + tiny)
+            low = tl.minimum(g.to(tl.float32), limit, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
+            clipped = tl.maximum(low, -limit, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(grad + index, clipped.to(g.dtype), mask=inside)
+
+    return clip_to_moments
 
 
 def _on_kernel_device(tensor: Tensor) -> bool:
@@ -280,6 +337,34 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
         tensors[plan.base], plan.offset_table, factors.contiguous(), plan.chunk_tensors, plan.chunk_starts,
         plan.numels, plan.factor_starts, plan.row_sizes,
         PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
+    )  # fmt: skip
+
+
+def spike_plan(grads: Sequence[Tensor], moments: Sequence[Tensor]) -> Plan | None:
+    """The tables for SPAM's clip of ``grads`` by their second ``moments`` (the same shapes, every step), ``None`` where
+    the kernel does not apply: the moments must share the gradients' dtype (float32, float16 or bfloat16; float64
+    keeps the foreach path) and device."""
+    if not (grads and grads[0].dtype in _DTYPES[:3] and _spike_kernel()):
+        return None
+    like = grads[0]
+    if any(v.dtype != like.dtype or v.device != like.device or v.shape != g.shape for g, v in zip(grads, moments)):
+        return None
+    return plan(grads, list(range(len(grads))), None)
+
+
+def clip_to_moments_(plan: Plan, grads: Sequence[Tensor], moments: Sequence[Tensor], theta: float) -> bool:
+    """SPAM's clip of ``grads`` in place, as planned by :func:`spike_plan`, in one launch; ``False`` (nothing done)
+    where :func:`multiply_` would return it."""
+    tensors = [*grads, *moments]
+    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
+        return False
+    programs = len(plan.chunk_tensors)
+    if not programs:
+        return True
+    return launch(
+        _spike_kernel(), programs, grads[0].device, "SPAM",
+        tensors[plan.base], plan.offset_table, len(grads), float(theta), plan.chunk_tensors, plan.chunk_starts,
+        plan.numels, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
     )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -261,45 +262,88 @@ class ValueClip(ClipOperator):
         return Applied(changed=None if measured is None else measured.total > limit, scale=None)
 
 
+@dataclass
+class _MomentRun:
+    """SPAM's view of one layout run, read from one snapshot of the optimizer's state (:meth:`SpikeAwareClip._seen`):
+    which of the run's clipped tensors have a second moment (``None``: all), those moments (local shards), whether
+    they need converting to the gradients' dtype, and the kernel's plan (``None``: the foreach path)."""
+
+    seen: list[Tensor | None]
+    positions: list[int] | None
+    moments: list[Tensor]
+    convert: bool
+    plan: kernels.Plan | None
+
+
 class SpikeAwareClip(ClipOperator):
     """SPAM's spike-aware clipping (Huang et al., ICLR 2025, "SPAM: Spike-Aware Adam with Momentum Reset for Stable
     LLM Training", section 3.2): each gradient element with ``g**2 > theta * v``, ``v`` the optimizer's raw second
     moment (Adam's ``exp_avg_sq`` before this step, without bias correction, as the reference code reads it),
     becomes ``sign(g) * sqrt(theta * v)``; ``theta`` is the threshold. Elements whose ``v`` is 0 (never seen, or a
     dead unit) are left unclipped: a limit of 0 would freeze them. As ``min(max(g, -limit), limit)`` with foreach
-    kernels; the limit is ``+inf`` where ``v`` is 0. SPAM's momentum reset changes the optimizer and is not done.
+    kernels; the limit is ``+inf`` where ``v`` is 0. On CUDA one launch of :func:`kernels.clip_to_moments_` does the
+    same. SPAM's momentum reset changes the optimizer and is not done.
 
-    It reads the optimizer's state: :meth:`bind` hands it the optimizer (the Clipper does)."""
+    It reads the optimizer's state: :meth:`bind` hands it the optimizer (the Clipper does). Which moments belong to
+    which gradient is read once and kept while the state holds the same moment tensors (Adam updates them in place;
+    ``load_state_dict`` or a cleared state replaces them): checking that is one pass over the state in C, where
+    looking each parameter up costs a Python call per tensor."""
 
     measures_always = False
     reads_optimizer = True
 
     def __init__(self) -> None:
-        self.state: Any = None
+        self.optimizer: Any = None
+        self._snapshot: list[Tensor | None] = []
 
     def bind(self, optimizer: Any) -> None:
-        self.state = None if optimizer is None else optimizer.state
+        self.optimizer, self._snapshot = optimizer, []
 
-    def _moments(self, layout: Layout, run: slice) -> list[Tensor | None]:
-        return [self.state.get(p, {}).get("exp_avg_sq") for p in layout.params[run]]
+    def _seen(self) -> list[Tensor | None]:
+        """Every ``exp_avg_sq`` in the optimizer's state, in its order: the stored list when it holds the same
+        tensors, so that a run's cached :class:`_MomentRun` stays valid exactly as long as it is the same list."""
+        current = list(map(dict.get, self.optimizer.state.values(), itertools.repeat("exp_avg_sq")))
+        if len(current) != len(self._snapshot) or not all(map(operator.is_, current, self._snapshot)):
+            self._snapshot = current
+        return self._snapshot
+
+    def _moment_run(self, layout: Layout, run: slice, grads: Sequence[Tensor], seen: list) -> _MomentRun:
+        key = ("spam", run.start)
+        cached = layout.kernel_plans.get(key)
+        if cached is not None and cached.seen is seen:
+            return cached
+        state = self.optimizer.state
+        found = layout.clipped_of(run, [state.get(p, {}).get("exp_avg_sq") for p in layout.params[run]])
+        positions = [k for k, v in enumerate(found) if v is not None]
+        moments = [local(found[k]) for k in positions]
+        chosen = [grads[k] for k in positions]
+        convert = any(v.dtype != g.dtype for g, v in zip(chosen, moments))
+        plan = None if convert or not chosen else kernels.spike_plan(chosen, moments)
+        every = len(positions) == len(found)
+        cached = layout.kernel_plans[key] = _MomentRun(seen, None if every else positions, moments, convert, plan)
+        return cached
 
     def apply(self, layout, grads, measured, threshold) -> Applied:
-        if self.state is None:
+        if self.optimizer is None:
             raise RuntimeError("SpikeAwareClip needs the optimizer: Clipper(..., optimizer=...)")
-        if math.isinf(float(threshold)):
+        theta = float(threshold)
+        if math.isinf(theta):
             return Applied(changed=False, scale=None)
-        tiny = torch.finfo(torch.float32).tiny
+        seen = self._seen()
         for _, run in layout.groups:
-            moments = layout.clipped_of(run, self._moments(layout, run))
-            pairs = [(g, local(v)) for g, v in zip(layout.clipped_of(run, grads[run]), moments) if v is not None]
-            if not pairs:
+            clipped = layout.clipped_of(run, grads[run])
+            moment_run = self._moment_run(layout, run, clipped, seen)
+            targets = clipped if moment_run.positions is None else [clipped[k] for k in moment_run.positions]
+            if not targets:
                 continue
-            targets, moments = [g for g, _ in pairs], [v for _, v in pairs]
-            if any(v.dtype != g.dtype for g, v in pairs):
-                moments = [v.to(g.dtype) for g, v in pairs]
-            limits = torch._foreach_mul(moments, float(threshold))
+            moments = moment_run.moments
+            if moment_run.plan is not None and kernels.clip_to_moments_(moment_run.plan, targets, moments, theta):
+                continue
+            if moment_run.convert:
+                moments = [v.to(g.dtype) for g, v in zip(targets, moments)]
+            limits = torch._foreach_mul(moments, theta)
             torch._foreach_sqrt_(limits)
-            torch._foreach_add_(limits, tiny)
+            torch._foreach_add_(limits, torch.finfo(torch.float32).tiny)
             torch._foreach_div_(limits, torch._foreach_sign(moments))  # x / 0 = inf where v is 0: unclipped
             torch._foreach_minimum_(targets, limits)
             torch._foreach_neg_(limits)

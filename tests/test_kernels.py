@@ -1,8 +1,9 @@
-"""The Triton scaling and unit-norm kernels against torch's own multiplication and norms in float64: on a CUDA GPU
-(marked ``cuda``), and on CPU under Triton's interpreter where Triton is installed (CI has no Triton: that test then
-skips; the cuda ones skip without a GPU). Without either, the operators take the foreach path, which the other tests
-cover."""
+"""The Triton scaling, unit-norm and SPAM kernels against torch's own multiplication, norms and clamps in float64: on
+a CUDA GPU (marked ``cuda``), and on CPU under Triton's interpreter where Triton is installed (CI has no Triton: that
+test then skips; the cuda ones skip without a GPU). Without either, the operators take the foreach path, which the
+other tests cover."""
 
+import math
 import warnings
 
 import pytest
@@ -101,6 +102,102 @@ def check_unit_norms(device: str) -> None:
     assert kernels.norm_plan([torch.zeros(3, 4, device=device, dtype=torch.float64)], [3]) is None
 
 
+def spike_reference(grad, moment, theta):
+    """SPAM's clip in float64, rounded once: ``g`` clamped to ``+-sqrt(theta * v)``, unclipped where ``v`` is 0, NaN
+    where either is NaN."""
+    g, v = grad.double(), moment.double()
+    limit = torch.where(v == 0, math.inf, (theta * v).sqrt())
+    return torch.minimum(torch.maximum(g, -limit), limit).to(grad.dtype)
+
+
+def check_spikes(device: str) -> None:
+    """SPAM's kernel against float64: fp32, fp16, bf16; zero moments (unclipped), NaN in a moment and in a gradient,
+    Inf gradients, tensors that move, views one element off a 16-byte boundary; a non-contiguous tensor is declined,
+    float64 and moments of another dtype get no plan."""
+    gen = torch.Generator().manual_seed(0)
+    theta = 50.0
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+
+        def pair(shape, dtype=dtype):
+            grad = torch.randn(shape, generator=gen) * torch.where(torch.rand(shape, generator=gen) < 0.3, 30.0, 0.1)
+            moment = torch.rand(shape, generator=gen) * torch.where(torch.rand(shape, generator=gen) < 0.2, 0.0, 1e-2)
+            if grad.numel() > 3:
+                grad.view(-1)[:3] = torch.tensor([math.inf, -math.inf, math.nan])
+                moment.view(-1)[3] = math.nan
+            return grad.to(device, dtype), moment.to(device, dtype)
+
+        grads, moments = map(list, zip(*map(pair, SHAPES)))
+        plan = kernels.spike_plan(grads, moments)
+        assert plan is not None
+        for step in range(3):
+            if step == 1:  # new tensors at new addresses
+                grads, moments = map(list, zip(*map(pair, SHAPES)))
+            if step == 2:  # views of one buffer, each one element after a 16-byte boundary
+                sizes = [g.numel() + 1 for g in grads]
+                flat = torch.zeros(2 * sum(sizes), device=device, dtype=dtype)
+                pieces = flat.split(sizes + sizes)
+                views = [p[1:].view(s) for p, s in zip(pieces, SHAPES + SHAPES)]
+                for view, t in zip(views, grads + moments):
+                    view.copy_(t)
+                grads, moments = views[: len(SHAPES)], views[len(SHAPES) :]
+            expected = [spike_reference(g, v, theta) for g, v in zip(grads, moments)]
+            assert kernels.clip_to_moments_(plan, grads, moments, theta)
+            tolerance = {"rtol": 1e-6, "atol": 0} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 0}
+            for g, e in zip(grads, expected):
+                torch.testing.assert_close(g, e, equal_nan=True, **tolerance)
+            assert plan.vector == (1 if step == 2 else 16 // grads[0].element_size())
+    strided = [torch.randn(8, 8, device=device).t()]
+    assert not kernels.clip_to_moments_(kernels.spike_plan(strided, strided), strided, strided, theta)
+    one, double = torch.ones(3, device=device), torch.ones(3, device=device, dtype=torch.float64)
+    assert kernels.spike_plan([double], [double]) is None
+    assert kernels.spike_plan([one], [one.bfloat16()]) is None
+
+
+def check_spam_paths(device: str) -> None:
+    """SPAM through the Clipper with the kernel and with the foreach path (``ENABLED`` off), on the same gradients
+    and moments: in float32 within one rounding (torch's vectorised square root on CPU is not correctly rounded: one
+    ulp off in about 0.7% of elements, where the kernel's ``sqrt_rn`` is), in bfloat16 within its rounding (the
+    foreach path rounds its limits to bf16, the kernel once). Runs of fp32 and bf16 tensors, an excluded tensor, a
+    tensor without a moment yet, and one whose moment has another dtype (that run takes the foreach path)."""
+    from lightning_clip import SPAM, Clipper
+
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(40, 30), (30,), (kernels.CHUNK + 5,), (7, 7), (9,), (3, 4)]
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float32]
+    moments = {0: torch.float32, 1: torch.float32, 2: torch.float32, 3: torch.bfloat16, 4: torch.float32}  # 5: none
+    results = []
+    for enabled in (True, False):
+        params = [torch.nn.Parameter(torch.zeros(s, device=device, dtype=d)) for s, d in zip(shapes, dtypes)]
+        optimizer = torch.optim.Adam(params)
+        gen.manual_seed(3)
+        for k, p in enumerate(params):
+            if k in moments:
+                v = torch.rand(p.shape, generator=gen) * torch.where(torch.rand(p.shape, generator=gen) < 0.1, 0, 1e-2)
+                optimizer.state[p]["exp_avg_sq"] = v.to(device, moments[k])
+        method = SPAM(theta=5.0, warmup_steps=1, exclude=["t1"])
+        clipper = Clipper(method, [(f"t{k}", p) for k, p in enumerate(params)], optimizer=optimizer, nonfinite="ignore")
+        kernels.ENABLED = enabled
+        try:
+            steps = []
+            for _ in range(2):
+                for p in params:
+                    p.grad = (torch.randn(p.shape, generator=gen) * 3).to(device, p.dtype)
+                clipper.step()
+                steps.append([p.grad.clone() for p in params])
+        finally:
+            kernels.ENABLED = True
+        results.append(steps)
+        if enabled:
+            planned = [run.plan is not None for key, run in clipper.params.layout().kernel_plans.items()
+                       if key[0] == "spam"]  # fmt: skip
+            assert sorted(planned) == [False, True]  # the fp32 run planned; the bf16 run's moments differ in dtype
+    for kernel_step, foreach_step in zip(*results):
+        for a, b in zip(kernel_step, foreach_step):
+            torch.testing.assert_close(a, b, rtol=2**-23 if a.dtype == torch.float32 else 2**-7, atol=0)
+    changed = sum(int((a != b).sum()) for a, b in zip(results[0][0], results[0][1]))
+    assert changed > 0
+
+
 @pytest.mark.cuda
 def test_kernel_on_cuda_matches_float64():
     check_kernel("cuda")
@@ -109,6 +206,12 @@ def test_kernel_on_cuda_matches_float64():
 @pytest.mark.cuda
 def test_unit_norm_kernel_on_cuda_matches_float64():
     check_unit_norms("cuda")
+
+
+@pytest.mark.cuda
+def test_spike_kernel_on_cuda_matches_float64():
+    check_spikes("cuda")
+    check_spam_paths("cuda")
 
 
 @pytest.mark.cuda
@@ -128,7 +231,8 @@ def test_no_plan_on_cpu_without_the_interpreter(monkeypatch):
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_under_the_triton_interpreter_matches_float64():
     """The same checks on CPU tensors, in a process where Triton interprets the kernel."""
-    run_under_triton_interpreter("import test_kernels as t; t.check_kernel('cpu'); t.check_unit_norms('cpu')")
+    checks = ["check_kernel", "check_unit_norms", "check_spikes", "check_spam_paths"]
+    run_under_triton_interpreter("import test_kernels as t; " + "; ".join(f"t.{check}('cpu')" for check in checks))
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monkeypatch):

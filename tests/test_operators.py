@@ -226,6 +226,52 @@ def test_spam_matches_the_rule_in_float64_and_leaves_zero_moments_alone():
     assert spikes > 0
 
 
+def test_spam_reads_the_moments_the_optimizer_holds_now():
+    """SPAM keeps which moment belongs to which gradient while the state holds the same tensors; each way the state
+    changes is followed at the next step: the first steps (no state, then some), a real Adam step, a moment replaced
+    by a new tensor, ``load_state_dict`` (a new state object), a cleared state, an excluded tensor."""
+    from lightning_clip import SPAM, Clipper
+
+    torch.manual_seed(14)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(6, 4), (4,), (3, 3), (5,)]]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    clipper = Clipper(SPAM(theta=2.0, warmup_steps=1, exclude=["layer3.weight"]), named(params), optimizer=optimizer,
+                      nonfinite="ignore")  # fmt: skip
+    saved = None
+
+    def step(change):
+        nonlocal saved
+        change()
+        grads = [torch.randn(p.shape) * 3 for p in params]
+        moments = [optimizer.state.get(p, {}).get("exp_avg_sq") for p in params]
+        expected = [g if v is None or k == 3 else spam_reference(g, v, 2.0) for k, (g, v) in
+                    enumerate(zip(grads, moments))]  # fmt: skip
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        clipper.step()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad.double(), e.double(), rtol=1e-6, atol=0)
+        optimizer.step()
+        saved = saved or optimizer.state_dict()
+        return sum(int((p.grad != g).sum()) for p, g in zip(params, grads))
+
+    def one_moment():
+        optimizer.state[params[0]]["exp_avg_sq"] = torch.full((6, 4), 1e-4)
+
+    def replaced():
+        optimizer.state[params[1]]["exp_avg_sq"] = torch.full((4,), 1e-6)
+
+    def reloaded():
+        optimizer.load_state_dict(saved)
+
+    def cleared():
+        optimizer.state.clear()
+
+    clipped = [step(change) for change in [lambda: None, one_moment, lambda: None, replaced, reloaded, cleared]]
+    assert clipped[0] == 0 and all(clipped[1:5])  # nothing to read yet on the first step; then clipped
+    assert clipped[5] == 0  # the cleared state holds no moments: nothing is clipped
+
+
 def test_spam_waits_for_its_warmup_and_needs_the_optimizer():
     from lightning_clip import SPAM, Clipper
 
