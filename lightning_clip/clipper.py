@@ -290,8 +290,8 @@ class Clipper:
             self.grad_scaler.unscale_(self._optimizer)  # the scaler's own pass, as it makes for unfused optimizers
         grads = layout.grads()
         watch = self.reads_host or self.scaler_checks_nonfinite
-        measured = None
-        if self.operator.measures_always or watch or record:
+        measured = clipped = self._clip_while_measuring(layout, grads, record)
+        if measured is None and (self.operator.measures_always or watch or record):
             measured = self.operator.measure(layout, grads)
         unscale = self._unscale_factor()
         if unscale is not None and measured is not None:
@@ -320,7 +320,10 @@ class Clipper:
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
         threshold = self.policy.threshold(layout, measured, finite)
         reported = self.policy.reported(threshold) if record else threshold
-        applied = self.operator.apply(layout, grads, measured, threshold)
+        if clipped is not None:
+            applied = Applied(changed=measured.total > threshold, scale=None)
+        else:
+            applied = self.operator.apply(layout, grads, measured, threshold)
         self.policy.observe(layout, measured, applied, finite)
         if applied.changed is not None:
             self._clipped_steps = self._clipped_steps.to(measured.total.device if measured else "cpu")
@@ -333,6 +336,17 @@ class Clipper:
         else:
             clipped_norms = tensor_norms(layout, grads, 2.0)
         return self._record(layout, grad_norms, clipped_norms, reported, before)
+
+    def _clip_while_measuring(self, layout: Layout, grads: list[Tensor], record: bool) -> Measured | None:
+        """With ``nonfinite="skip"``, on a step that records nothing: clip and measure in one pass where the operator
+        can (``value`` on CUDA), instead of measuring, reading the check, then clipping. The gradients are clipped
+        before the check is read; a step found non-finite is skipped all the same (its gradients set to None), and
+        its tensors are named from the measurement, taken before the clip. ``None``: nothing done."""
+        if record or self.fused or not self.operator.clips_while_measuring or self.nonfinite != "skip":
+            return None
+        if self.scaler_checks_nonfinite or self.track_max or self.spikes is not None:
+            return None
+        return self.operator.clip_measuring(layout, grads, self.policy.threshold(layout, None))
 
     def _folded_step(
         self,

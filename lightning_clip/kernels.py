@@ -3,7 +3,9 @@ tensor (per-tensor clipping, AdaGC) or one per unit, a slice along dim 0 (AGC). 
 every unit of many tensors in one launch (AGC's measurement, :func:`unit_norms`), where torch takes one
 ``vector_norm`` launch per tensor: on an H100 this took AGC from 2.0-3.8x of ``norm``'s time to 0.75-1.3x. A third
 clamps many gradients to limits set by their optimizer's second moments (SPAM, :func:`clip_to_moments_`), where the
-foreach path takes eight kernels and two gradient-sized temporaries.
+foreach path takes eight kernels and two gradient-sized temporaries. A fourth clamps many gradients to one value
+(:func:`clamp_`) in one pass where ``clip_grad_value_`` takes two, measuring their largest values in the same pass
+when asked.
 
 ``torch._foreach_mul_(tensors, factors)`` does the same with one 0-d or ``(rows, 1, ...)`` factor per tensor, but
 on CUDA a foreach kernel keeps its fast path (many tensors per launch) only where the factors match the tensors in
@@ -196,6 +198,63 @@ def _spike_kernel():
     return clip_to_moments
 
 
+@functools.cache
+def _clamp_kernel():
+    """Value clipping in one launch (``None`` without Triton): every element of many gradients clamped to ``+-limit``
+    in one read and one write, where ``clip_grad_value_``'s ``clamp_min_`` then ``clamp_max_`` read and write twice;
+    with ``MEASURE``, each tensor's largest absolute value before the clamp (NaN counted as Inf) taken in the same
+    pass, into ``norms`` (zeros) by one atomic max per program."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def clamp(
+        base,  # one of the tensors: the others are addressed from it
+        offsets,  # int64, per tensor: its address less the base's, in elements
+        limit,
+        norms,  # float32, per tensor (only written when MEASURE)
+        chunk_tensors,  # int32, per program: which tensor
+        chunk_starts,  # int32, per program: the first element of its chunk
+        numels,  # int32, per tensor
+        MEASURE: tl.constexpr,
+        VECTOR: tl.constexpr,  # every offset a multiple of this (16 bytes' worth when all are 16-byte aligned)
+        CHUNK: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        tensor = tl.load(chunk_tensors + program)
+        start = tl.load(chunk_starts + program)
+        pointer = base + tl.multiple_of(tl.load(offsets + tensor), VECTOR)
+        end = tl.minimum(tl.load(numels + tensor) - start, CHUNK)
+        full = (end // BLOCK) * BLOCK
+        largest = tl.zeros([BLOCK], dtype=tl.float32)
+        for offset in range(0, full, BLOCK):  # whole blocks: no mask, so the loads vectorize
+            index = tl.max_contiguous(tl.multiple_of(start + offset + tl.arange(0, BLOCK), BLOCK), BLOCK)
+            values = tl.load(pointer + index)
+            x = values.to(tl.float32)
+            if MEASURE:
+                largest = tl.maximum(largest, tl.where(x == x, tl.abs(x), float("inf")))
+            low = tl.maximum(x, -limit, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch's clamp
+            tl.store(pointer + index, tl.minimum(low, limit, propagate_nan=tl.PropagateNan.ALL).to(values.dtype))
+        if full < end:
+            index = start + full + tl.arange(0, BLOCK)
+            inside = index < start + end
+            values = tl.load(pointer + index, mask=inside, other=0.0)
+            x = values.to(tl.float32)
+            if MEASURE:
+                largest = tl.maximum(largest, tl.where(x == x, tl.abs(x), float("inf")))
+            low = tl.maximum(x, -limit, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(pointer + index, tl.minimum(low, limit, propagate_nan=tl.PropagateNan.ALL).to(values.dtype),
+                     mask=inside)  # fmt: skip
+        if MEASURE:
+            tl.atomic_max(norms + tensor, tl.max(largest, axis=0))
+
+    return clamp
+
+
 def _on_kernel_device(tensor: Tensor) -> bool:
     """CUDA; or CPU under Triton's interpreter (``TRITON_INTERPRET=1``), where tests run the kernel without a GPU."""
     return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
@@ -338,6 +397,27 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
         plan.numels, plan.factor_starts, plan.row_sizes,
         PER_ROW=plan.per_row, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
     )  # fmt: skip
+
+
+def clamp_(plan: Plan, tensors: Sequence[Tensor], limit: float, measure: bool = False) -> Tensor | bool:
+    """Clamp ``tensors`` in place to ``+-limit`` as planned by :func:`plan` (float32, float16, bfloat16), in one launch.
+    With ``measure``, returns each tensor's largest absolute value before the clamp (float32; Inf where it held NaN
+    or Inf); else ``True``. ``False`` (nothing done) where :func:`multiply_` would return it."""
+    if tensors[0].dtype not in _DTYPES[:3]:  # float64 would be clamped in float32
+        return False
+    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
+        return False
+    device = tensors[0].device
+    norms = torch.zeros(len(tensors) if measure else 0, dtype=torch.float32, device=device)
+    programs = len(plan.chunk_tensors)
+    ran = programs == 0 or launch(
+        _clamp_kernel(), programs, device, "clamping",
+        tensors[plan.base], plan.offset_table, float(limit), norms, plan.chunk_tensors, plan.chunk_starts,
+        plan.numels, MEASURE=measure, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
+    )  # fmt: skip
+    if not ran:
+        return False
+    return norms if measure else True
 
 
 def spike_plan(grads: Sequence[Tensor], moments: Sequence[Tensor]) -> Plan | None:

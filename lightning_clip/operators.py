@@ -182,6 +182,7 @@ class ClipOperator:
     norm_type: float = 2.0
     measures_always = True
     reads_optimizer = False  # whether apply() needs the optimizer's state (bind() hands it over)
+    clips_while_measuring = False  # whether clip_measuring() may clip and measure in one pass
 
     def bind(self, optimizer: Any) -> None:
         """Give the operator the optimizer whose gradients it clips (for those that read its state)."""
@@ -203,6 +204,11 @@ class ClipOperator:
 
     def apply(self, layout: Layout, grads: list[Tensor], measured: Measured | None, threshold: Threshold) -> Applied:
         raise NotImplementedError
+
+    def clip_measuring(self, layout: Layout, grads: list[Tensor], threshold: Threshold) -> Measured | None:
+        """Clip and measure in one pass where this operator can (``clips_while_measuring``), returning what
+        :meth:`measure` would have returned before the clip; ``None`` (nothing done) elsewhere."""
+        return None
 
 
 class NoClip(ClipOperator):
@@ -247,19 +253,53 @@ class TensorNormClip(ClipOperator):
 
 class ValueClip(ClipOperator):
     """Clamps every element to ``[-threshold, threshold]``, as ``torch.nn.utils.clip_grad_value_``. Its measurement
-    (only taken when a step logs or checks for NaN/Inf) is the largest absolute value, the inf-norm."""
+    (only taken when a step logs or checks for NaN/Inf) is the largest absolute value, the inf-norm.
+
+    On CUDA one launch of :func:`kernels.clamp_` clamps a run in one pass, where ``clamp_min_`` then ``clamp_max_``
+    read and write every gradient twice; :meth:`clip_measuring` also measures in that pass."""
 
     norm_type = math.inf
     measures_always = False
+    clips_while_measuring = True
+
+    @staticmethod
+    def _plan(layout: Layout, run: slice, tensors: Sequence[Tensor]) -> kernels.Plan | None:
+        key = ("value", run.start)
+        plan = layout.kernel_plans.get(key, False)
+        if plan is False:
+            plan = layout.kernel_plans[key] = kernels.plan(tensors, list(range(len(tensors))), None)
+        return plan
 
     def apply(self, layout, grads, measured, threshold) -> Applied:
         limit = float(threshold)
         for _, run in layout.groups:
             clipped = layout.clipped_of(run, grads[run])
-            if clipped:
+            plan = self._plan(layout, run, clipped) if clipped else None
+            if clipped and (plan is None or not kernels.clamp_(plan, clipped, limit)):
                 torch._foreach_clamp_min_(clipped, -limit)
                 torch._foreach_clamp_max_(clipped, limit)
         return Applied(changed=None if measured is None else measured.total > limit, scale=None)
+
+    def clip_measuring(self, layout: Layout, grads: list[Tensor], threshold: Threshold) -> Measured | None:
+        """Clamp and measure in one pass (the per-tensor inf-norms from before the clamp, NaN counted as Inf), where
+        the kernel applies to every run and nothing is excluded or sharded; ``None`` (nothing done) elsewhere."""
+        if layout.excluded or layout.reducer is not None:
+            return None
+        plans = [self._plan(layout, run, grads[run]) for _, run in layout.groups]
+        if None in plans:
+            return None
+        limit, per_run = float(threshold), []
+        for plan, (_, run) in zip(plans, layout.groups):
+            tensors = grads[run]
+            norms = kernels.clamp_(plan, tensors, limit, measure=True)
+            if norms is False:  # a tensor not contiguous this step, or a GPU Triton cannot compile for
+                norms = torch.stack(torch._foreach_norm(tensors, math.inf, dtype=_norm_dtype(tensors[0])))
+                torch._foreach_clamp_min_(tensors, -limit)
+                torch._foreach_clamp_max_(tensors, limit)
+            per_run.append(norms)
+        norms = _concat(per_run)
+        total = total_norm(norms, math.inf)
+        return Measured(norms, total, math.inf, total)
 
 
 @dataclass

@@ -247,6 +247,10 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
                 fixed_norm,
             )
         )
+        for nonfinite in ("ignore", "skip"):  # torch's clamp_min_ and clamp_max_ (and the measurement before them)
+            engine = without_kernel(clipper("value", params, nonfinite, clip_value=0.01))
+            label = f"value, nonfinite={nonfinite}, torch's clamps (no Triton kernel)"
+            cases.append((label, "clip_grad_value_(foreach=True)", engine, value_baseline))
         foreach_agc = without_kernel(clipper("agc", params, "ignore"))
         cases.append(
             ("agc, foreach path (no Triton kernel)", "timm adaptive_clip_grad loop", foreach_agc, agc_baseline)

@@ -102,6 +102,88 @@ def check_unit_norms(device: str) -> None:
     assert kernels.norm_plan([torch.zeros(3, 4, device=device, dtype=torch.float64)], [3]) is None
 
 
+def check_clamp(device: str) -> None:
+    """The clamping kernel against torch's clamp (exact: a clamp rounds nothing) and, measuring, against each
+    tensor's largest absolute value in float64 (Inf where it held NaN or Inf): fp32, fp16, bf16; tensors that move,
+    views one element off a 16-byte boundary; a non-contiguous tensor and float64 are declined."""
+    gen = torch.Generator().manual_seed(2)
+    limit = 0.7
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for measure in (False, True):
+
+            def make(shape, dtype=dtype):
+                t = torch.randn(shape, generator=gen) * 2
+                if t.numel() > 2 and shape[0] % 2:
+                    t.view(-1)[-1] = math.nan if shape[0] == 3 else -math.inf
+                return t.to(device, dtype)
+
+            tensors = [make(s) for s in SHAPES]
+            plan = kernels.plan(tensors, list(range(len(SHAPES))), None)
+            for step in range(3):
+                if step == 1:  # new tensors at new addresses
+                    tensors = [make(s) for s in SHAPES]
+                if step == 2:  # views of one buffer, each one element after a 16-byte boundary
+                    sizes = [t.numel() + 1 for t in tensors]
+                    flat = torch.zeros(sum(sizes), device=device, dtype=dtype)
+                    views = [p[1:].view(s) for p, s in zip(flat.split(sizes), SHAPES)]
+                    for view, t in zip(views, tensors):
+                        view.copy_(t)
+                    tensors = views
+                expected = [t.clamp(-limit, limit) for t in tensors]
+                largest = [t.double().abs().nan_to_num(math.inf, math.inf).max() if t.numel() else 0.0 for t in tensors]
+                out = kernels.clamp_(plan, tensors, limit, measure=measure)
+                for t, e in zip(tensors, expected):
+                    torch.testing.assert_close(t, e, rtol=0, atol=0, equal_nan=True)
+                if measure:
+                    assert out.dtype == torch.float32 and out.shape == (len(SHAPES),)
+                    torch.testing.assert_close(out.double().cpu(), torch.tensor(largest, dtype=torch.float64))
+                else:
+                    assert out is True
+    strided = [torch.randn(8, 8, device=device).t()]
+    assert kernels.clamp_(kernels.plan(strided, [0], None), strided, limit) is False
+    double = [torch.randn(8, device=device, dtype=torch.float64)]
+    assert kernels.clamp_(kernels.plan(double, [0], None), double, limit) is False
+
+
+def check_value_paths(device: str) -> None:
+    """``value`` through the Clipper with the kernel and with torch's clamps (``ENABLED`` off), on the same
+    gradients, over steps that record and steps that do not, with NaN and Inf steps: with ``skip`` (clamped while
+    measured) and ``ignore``, runs of fp32 and bf16 tensors, and with an excluded tensor (measured, then clamped).
+    Gradients, skips, the tensors named and the records agree exactly."""
+    from lightning_clip import Clipper, methods
+
+    shapes = [(40, 30), (30,), (kernels.CHUNK + 5,), (7, 7), (9,)]
+    dtypes = [torch.float32, torch.float32, torch.float32, torch.bfloat16, torch.bfloat16]
+    for nonfinite, exclude in (("skip", []), ("ignore", []), ("skip", ["t1"])):
+        results = []
+        for enabled in (True, False):
+            gen = torch.Generator().manual_seed(5)
+            params = [torch.nn.Parameter(torch.zeros(s, device=device, dtype=d)) for s, d in zip(shapes, dtypes)]
+            method = methods.Value(clip_value=0.5, exclude=exclude)
+            clipper = Clipper(method, [(f"t{k}", p) for k, p in enumerate(params)], nonfinite=nonfinite)
+            kernels.ENABLED = enabled
+            seen = []
+            try:
+                for step in range(6):
+                    for p in params:
+                        p.grad = (torch.randn(p.shape, generator=gen) * 0.6).to(device, p.dtype)
+                    if step in (1, 4):
+                        params[3 if step == 1 else 0].grad.view(-1)[5] = math.nan if step == 1 else math.inf
+                    record = clipper.step(record=step % 3 == 2)
+                    grads = [None if p.grad is None else p.grad.cpu() for p in params]
+                    seen.append((grads, clipper.last_nonfinite, record.read().metrics() if record else None))
+            finally:
+                kernels.ENABLED = True
+            results.append((seen, clipper.skipped_steps, clipper.state_dict()["nonfinite_steps"]))
+        (kernel, skips, counted), (plain, plain_skips, plain_counted) = results
+        assert skips == plain_skips == (2 if nonfinite == "skip" else 0) and counted == plain_counted
+        for (grads, names, metrics), (plain_grads, plain_names, plain_metrics) in zip(kernel, plain):
+            assert names == plain_names and metrics == plain_metrics
+            for a, b in zip(grads, plain_grads):
+                assert (a is None and b is None) or torch.equal(a.nan_to_num(), b.nan_to_num())
+        assert kernel[1][1] == ["t3"] if nonfinite == "skip" else kernel[1][1] is None
+
+
 def spike_reference(grad, moment, theta):
     """SPAM's clip in float64, rounded once: ``g`` clamped to ``+-sqrt(theta * v)``, unclipped where ``v`` is 0, NaN
     where either is NaN."""
@@ -209,6 +291,12 @@ def test_unit_norm_kernel_on_cuda_matches_float64():
 
 
 @pytest.mark.cuda
+def test_clamp_kernel_on_cuda_matches_torch():
+    check_clamp("cuda")
+    check_value_paths("cuda")
+
+
+@pytest.mark.cuda
 def test_spike_kernel_on_cuda_matches_float64():
     check_spikes("cuda")
     check_spam_paths("cuda")
@@ -230,8 +318,9 @@ def test_no_plan_on_cpu_without_the_interpreter(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_kernel_under_the_triton_interpreter_matches_float64():
-    """The same checks on CPU tensors, in a process where Triton interprets the kernel."""
-    checks = ["check_kernel", "check_unit_norms", "check_spikes", "check_spam_paths"]
+    """The same checks on CPU tensors, in a process where Triton interprets the kernels."""
+    checks = ["check_kernel", "check_unit_norms", "check_clamp", "check_value_paths", "check_spikes"]
+    checks.append("check_spam_paths")
     run_under_triton_interpreter("import test_kernels as t; " + "; ".join(f"t.{check}('cpu')" for check in checks))
 
 
@@ -264,6 +353,37 @@ def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monke
         clipper.step()
     for p in params:
         torch.testing.assert_close(p.grad.norm(), torch.tensor(1.0), rtol=1e-5, atol=0)
+
+
+def test_value_with_skip_measures_then_clamps_where_the_clamping_kernel_cannot_compile(monkeypatch):
+    """``value`` with ``skip`` clamps while measuring where the kernel runs; where it cannot compile, that step's
+    runs are measured and clamped with torch's kernels instead (a warning says so once), and NaN is still found
+    (clamping first would have hidden an Inf)."""
+    from lightning_clip import Clipper, methods
+
+    class Uncompilable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("no compiler for this device")
+
+            return launch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets plan() take CPU tensors
+    monkeypatch.setattr(kernels, "_kernel", Uncompilable)
+    monkeypatch.setattr(kernels, "_clamp_kernel", Uncompilable)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))]
+    clipper = Clipper(methods.Value(clip_value=0.5), zip("ab", params), nonfinite="skip")
+    for p in params:
+        p.grad = torch.full_like(p, 2.0)
+    params[1].grad[2] = -math.inf
+    with pytest.warns(UserWarning, match="Triton clamping kernel cannot run here"):
+        clipper.step()
+    assert clipper.last_nonfinite == ["b"] and all(p.grad is None for p in params)
+    for p in params:
+        p.grad = torch.full_like(p, -2.0)
+    clipper.step()
+    assert all(torch.equal(p.grad, torch.full_like(p, -0.5)) for p in params)
 
 
 def test_a_compiled_kernel_is_launched_again_only_for_what_it_was_specialised_on():
