@@ -276,9 +276,10 @@ class Clipper:
         """Whether each step reads one scalar to the host to act on NaN/Inf gradients."""
         return self.nonfinite != "ignore" and not self.scaler_checks_nonfinite
 
+    @torch.no_grad()
     def step(self, record: bool = False, histogram: bool = False) -> StepRecord | None:
         """Clip the gradients in place; returns a :class:`StepRecord` when ``record`` is true, else None.
-        ``histogram`` adds per-layer gradient histograms to a record (with ``stats``)."""
+        ``histogram`` adds per-layer gradient histograms to a record (with ``stats``). Runs under ``no_grad``."""
         if self.params is None:
             raise RuntimeError("this Clipper was released (its fit ended); build a new one for new parameters")
         layout = self.params.layout()
@@ -307,8 +308,7 @@ class Clipper:
         if self.reads_host:
             proceed, levels = finite, None
             if self.spikes is not None:
-                spike, levels = self.spikes.is_spike(measured.overall), self.spikes.levels
-                self.spikes.observe(measured.overall, measured.norms, finite)
+                spike, levels = self.spikes.judge(measured.overall, measured.norms, finite)
                 proceed = finite & ~spike
             if not bool(proceed):  # the one host read of a non-recording step
                 if not bool(finite):
@@ -365,8 +365,7 @@ class Clipper:
         scaled = self.grad_scaler is not None  # the GradScaler sets found_inf and skips non-finite steps itself
         skip = ~finite if self.nonfinite == "skip" and not scaled else torch.zeros_like(finite)
         if self.spikes is not None and self.nonfinite == "skip":
-            spike = self.spikes.is_spike(measured.overall)
-            self.spikes.observe(measured.overall, measured.norms, finite)
+            spike, _ = self.spikes.judge(measured.overall, measured.norms, finite)
             skip = skip | (spike & finite)
         self._device_skips = self._device_skips.to(skip.device) + skip.long()
         self._consecutive = torch.where(skip, self._consecutive.to(skip.device) + 1, 0)

@@ -150,8 +150,9 @@ class Layout:
         return [item for k, item in zip(keep, items) if run.start + k not in self.excluded]
 
     def local_params(self) -> list[Tensor]:
-        """The parameters, detached, as plain tensors (local shards of DTensors)."""
-        return [local(p).detach() for p in self.params]
+        """The parameters as plain tensors (local shards of DTensors), not detached: read them under
+        ``torch.no_grad()``, as :meth:`Clipper.step` runs (a ``detach`` per tensor and step costs host time)."""
+        return self.params if self.reducer is None else [local(p) for p in self.params]
 
     def __len__(self) -> int:
         return len(self.params)

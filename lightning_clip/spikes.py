@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_clip import threshold_kernels
 from lightning_clip.thresholds import resized_ring
 
 #: EMA smoothing of each tensor's norm level, for naming the tensor behind a spike.
@@ -32,7 +33,11 @@ LEVEL_BETA = 0.9
 
 
 class SpikeSkipper:
-    """Decides, on the device, whether a step's global norm is a spike (see the module docstring)."""
+    """Decides, on the device, whether a step's global norm is a spike (see the module docstring). On CUDA one
+    Triton program takes the whole step (:func:`threshold_kernels.spike_step`); :meth:`is_spike` and :meth:`observe`
+    are the definition, and the path elsewhere."""
+
+    level_beta = LEVEL_BETA
 
     def __init__(self, k: float, window: int = 128) -> None:
         self.k, self.window = k, window
@@ -44,6 +49,20 @@ class SpikeSkipper:
     def _on(self, like: Tensor) -> None:
         self.history = self.history.to(like.device, like.dtype)
         self.count = self.count.to(like.device)
+
+    def judge(self, total: Tensor, norms: Tensor, finite: Tensor) -> tuple[Tensor, Tensor | None]:
+        """One step: whether ``total`` is a spike (:meth:`is_spike`), and the per-tensor levels from before this
+        step (``None`` before the first), then the step observed (:meth:`observe`)."""
+        self._on(total)
+        levels = self.levels
+        if threshold_kernels.applies(self.history, self.window) and norms.dtype == torch.float32:
+            done = threshold_kernels.spike_step(self, total, norms, finite)
+            if done is not None:
+                spike, self.levels = done
+                return spike, levels
+        spike = self.is_spike(total)
+        self.observe(total, norms, finite)
+        return spike, levels
 
     def is_spike(self, total: Tensor) -> Tensor:
         """A 0-d bool tensor: ``total`` exceeds ``mean + k * std`` of the window (once it holds enough norms)."""
@@ -65,18 +84,14 @@ class SpikeSkipper:
             self.levels = torch.where(finite, norms, torch.nan)
         else:
             levels = self.levels.to(norms)
-            updated = torch.where(torch.isnan(levels), norms, LEVEL_BETA * levels + (1 - LEVEL_BETA) * norms)
+            updated = torch.where(torch.isnan(levels), norms, self.level_beta * levels + (1 - self.level_beta) * norms)
             self.levels = torch.where(finite, updated, levels)
 
-    def culprit(self, norms: Tensor) -> Tensor:
-        """The index of the tensor whose norm grew most against its own level (0-d tensor)."""
-        if self.levels is None or self.levels.shape != norms.shape:
-            return norms.argmax()
-        return (norms / self.levels.to(norms).clamp(min=torch.finfo(norms.dtype).tiny)).nan_to_num(0.0).argmax()
-
     def state_dict(self) -> dict[str, Any]:
-        levels = self.levels.detach().cpu() if self.levels is not None else torch.empty(0)
-        return {"history": self.history.detach().cpu(), "count": self.count.detach().cpu(), "levels": levels}
+        """Copies (the kernel updates ``history`` and ``count`` in place)."""
+        levels = self.levels.to("cpu", copy=True) if self.levels is not None else torch.empty(0)
+        return {"history": self.history.to("cpu", copy=True), "count": self.count.to("cpu", copy=True),
+                "levels": levels}  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = resized_ring(state["history"], int(state["count"]), self.window)  # the latest that fit

@@ -45,12 +45,14 @@ class LayerGrouping:
 
 @dataclass
 class LayerIndex:
-    """For one layout: the reported layers, and for each selected tensor (``positions``) the layer it feeds."""
+    """For one layout: the reported layers, and for each selected tensor (``positions``) the layer it feeds.
+    ``every``: every tensor is selected, in order (no filter), so per-tensor values need no gather."""
 
     layers: list[str]
     positions: Tensor
     layer_of: Tensor
     position_list: list[int]
+    every: bool
 
     @classmethod
     def build(cls, layout: Layout, grouping: LayerGrouping, device: torch.device) -> LayerIndex:
@@ -63,19 +65,23 @@ class LayerIndex:
             positions.append(i)
             layer_of.append(layers.setdefault(layer, len(layers)))
         as_tensor = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
-        return cls(list(layers), as_tensor(positions), as_tensor(layer_of), positions)
+        every = len(positions) == len(layout.names)
+        return cls(list(layers), as_tensor(positions), as_tensor(layer_of), positions, every)
+
+    def _selected(self, tensor_values: Tensor) -> Tensor:
+        return tensor_values if self.every else tensor_values[self.positions]
 
     def l2(self, tensor_values: Tensor) -> Tensor:
         """Per-layer L2 norms from per-tensor L2 norms."""
-        squares = tensor_values[self.positions].square()
+        squares = self._selected(tensor_values).square()
         return squares.new_zeros(len(self.layers)).index_add_(0, self.layer_of, squares).sqrt()
 
     def max(self, tensor_values: Tensor) -> Tensor:
-        values = tensor_values[self.positions]
+        values = self._selected(tensor_values)
         return values.new_zeros(len(self.layers)).scatter_reduce_(0, self.layer_of, values, "amax")
 
     def any_nonfinite(self, tensor_values: Tensor) -> Tensor:
-        bad = (~torch.isfinite(tensor_values[self.positions])).to(tensor_values.dtype)
+        bad = (~torch.isfinite(self._selected(tensor_values))).to(tensor_values.dtype)
         return bad.new_zeros(len(self.layers)).index_add_(0, self.layer_of, bad).clamp_max_(1.0)
 
 

@@ -1,4 +1,5 @@
-"""The adaptive threshold policies' step, one CUDA kernel (Triton) each: AutoClip, ZClip and AdaGC.
+"""The adaptive threshold policies' step, one CUDA kernel (Triton) each: AutoClip, ZClip and AdaGC; and the spike
+skipper's (``spikes.py``).
 
 In PyTorch ops a policy's step is 27 to 46 tensor ops on scalars and short vectors (the threshold, then the masked
 state update), each a kernel launch that costs more than its work: on an H100 they took these methods to 1.5-1.7x of
@@ -10,7 +11,8 @@ everywhere else: CPU, float64, and ``LIGHTNING_CLIP_TRITON=0``); the tests run b
 every output and every state.
 
 The policies call :func:`autoclip_step`, :func:`zclip_step` and :func:`adagc_step` when :func:`applies` and use
-their PyTorch code when these return ``None`` (the kernel could not be compiled: see :func:`kernels.launch`).
+their PyTorch code when these return ``None`` (the kernel could not be compiled: see :func:`kernels.launch`); the spike
+skipper calls :func:`spike_step` the same way.
 """
 
 from __future__ import annotations
@@ -129,6 +131,23 @@ def adagc_step(
         WARMUP_MINIMUM=p.warmup_minimum, BLOCK=1024,
     )  # fmt: skip
     return thresholds if ran else None
+
+
+def spike_step(skipper, total: Tensor, norms: Tensor, finite: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The spike skipper's decision (a 0-d bool) and its new per-tensor levels (a new tensor: the old ones stay, for
+    naming the tensor behind a spike), with ``skipper.history`` and ``skipper.count`` updated in place; ``None`` if
+    the kernel could not run."""
+    spike = torch.empty((), dtype=torch.bool, device=total.device)
+    levels = torch.empty_like(norms)
+    has_levels = skipper.levels is not None and skipper.levels.shape == norms.shape
+    ran = _launch(
+        _spikes, total, "spike-skipping",
+        total, norms, finite.to(total.device), skipper.history, skipper.count,
+        skipper.levels.to(norms) if has_levels else norms, levels, spike, len(norms), skipper.window,
+        skipper.min_samples, skipper.k, skipper.level_beta, 1 - skipper.level_beta,
+        HAS_LEVELS=has_levels, BLOCK=triton.next_power_of_2(skipper.window), LEVEL_BLOCK=1024,
+    )  # fmt: skip
+    return (spike, levels) if ran else None
 
 
 if triton is not None:
@@ -271,3 +290,39 @@ if triton is not None:
             new = tl.where(warming, _min(previous, clipped), ema) if WARMUP_MINIMUM else ema
             tl.store(gamma + slot, tl.where(usable, new, previous), mask=inside)
         tl.store(count_ptr, count + usable.to(tl.int64))
+
+    @triton.jit
+    def _spikes(
+        total_ptr, norms, finite_ptr, history, count_ptr, levels, new_levels, spike_ptr, size, window, min_samples,
+        k, beta, one_minus_beta,
+        HAS_LEVELS: tl.constexpr, BLOCK: tl.constexpr, LEVEL_BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        total = tl.load(total_ptr)
+        finite = tl.load(finite_ptr) != 0
+        count = tl.load(count_ptr)
+        # SpikeSkipper.is_spike: mean and population variance of the norms in the window (NaN: an empty slot)
+        offsets = tl.arange(0, BLOCK)
+        inside = offsets < window
+        past = tl.load(history + offsets, mask=inside, other=float("nan"))
+        filled = past == past
+        n = tl.sum(filled.to(tl.int32), axis=0)
+        held = tl.maximum(n, 1).to(tl.float32)
+        mean = tl.div_rn(tl.sum(tl.where(filled, past, 0.0), axis=0), held)
+        centred = tl.where(filled, past - mean, 0.0)
+        var = tl.div_rn(tl.sum(centred * centred, axis=0), held)
+        tl.store(spike_ptr, (n >= min_samples) & (total > mean + k * tl.sqrt_rn(var)))
+        # SpikeSkipper.observe: a finite norm into its slot; every tensor's level, an EMA of its norm
+        written = tl.where(finite, count % window, -1)
+        tl.store(history + offsets, tl.where(offsets == written, total, past), mask=inside)
+        tl.store(count_ptr, count + finite.to(tl.int64))
+        for start in range(0, size, LEVEL_BLOCK):
+            index = start + tl.arange(0, LEVEL_BLOCK)
+            present = index < size
+            norm = tl.load(norms + index, mask=present, other=0.0)
+            if HAS_LEVELS:
+                level = tl.load(levels + index, mask=present, other=0.0)
+                updated = tl.where(level != level, norm, beta * level + one_minus_beta * norm)
+                new = tl.where(finite, updated, level)
+            else:
+                new = tl.where(finite, norm, float("nan"))
+            tl.store(new_levels + index, new, mask=present)

@@ -40,6 +40,7 @@ class UpdateMonitor:
         self._pending: dict[int, _Pending] = {}
         self._hooks: dict[int, Any] = {}
 
+    @torch.no_grad()
     def snapshot(
         self, optimizer: torch.optim.Optimizer, layout: Layout, index: LayerIndex, emit, param_norms: Tensor | None
     ) -> None:
@@ -64,6 +65,7 @@ class UpdateMonitor:
         self._pending.clear()
 
 
+@torch.no_grad()
 def update_stats(
     layout: Layout, index: LayerIndex, before: list[Tensor], param_norms: Tensor | None = None
 ) -> dict[str, float]:

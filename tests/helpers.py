@@ -41,6 +41,7 @@ def clone_grads(params):
     return [p.grad.detach().clone() for p in params]
 
 
+@torch.no_grad()  # as Clipper.step: the parameters are read as they are, not detached
 def apply(policy: ThresholdPolicy, operator: ClipOperator, params, names=None, exclude=()):
     """Clip ``params``' gradients in place with one (policy, operator) pair."""
     names = names or [name for name, _ in named(params)]

@@ -4,6 +4,7 @@ every way a step can be non-finite, and every path of the clipper. On a GPU (``c
 Triton's interpreter where Triton is installed (CI has no Triton: that test skips there; the policies' own tests in
 ``test_thresholds.py`` check the PyTorch code against the papers' formulas)."""
 
+import contextlib
 import math
 import warnings
 
@@ -80,6 +81,22 @@ def clipper_for(method, params, mode, device):
     )
 
 
+@contextlib.contextmanager
+def counted_launches():
+    """The ``what`` of every Triton launch while the block runs, in order."""
+    launched, launch = [], kernels.launch
+
+    def counting(kernel, programs, device, what, *args, **constants):
+        launched.append(what)
+        return launch(kernel, programs, device, what, *args, **constants)
+
+    kernels.launch = counting
+    try:
+        yield launched
+    finally:
+        kernels.launch = launch
+
+
 def assert_close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=2e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{what}: {m}")
 
@@ -92,15 +109,7 @@ def compare(name: str, params: dict, mode: str, device: str) -> int:
     ours_params, reference_params = make_params(device), make_params(device)
     ours = clipper_for(method, ours_params, mode, device)
     reference = clipper_for(method, reference_params, mode, device)
-    launched = []
-    launch = kernels.launch
-
-    def counting(kernel, programs, dev, what, *args, **constants):
-        launched.append(what)
-        return launch(kernel, programs, dev, what, *args, **constants)
-
-    kernels.launch = counting
-    try:
+    with counted_launches() as launched:
         for step in range(STEPS):
             set_grads(ours_params, step, torch.Generator().manual_seed(step))
             set_grads(reference_params, step, torch.Generator().manual_seed(step))
@@ -134,8 +143,6 @@ def compare(name: str, params: dict, mode: str, device: str) -> int:
                 held = saved
         for key in kept:
             torch.testing.assert_close(held[key], kept[key], equal_nan=True, rtol=0, atol=0)
-    finally:
-        kernels.launch = launch
     return len(launched) - launched.count("scaling")
 
 
@@ -150,15 +157,67 @@ def check_policies(device: str) -> None:
         assert kernels._COMPILED or not kernels._relaunches()
 
 
+def check_spike_skipping(device: str) -> None:
+    """The spike skipper's kernel against its PyTorch code (``spikes.py``): two clippers with ``skip_spikes`` on the
+    same gradients, on the host-read path and the fused-optimizer path: spikes (skipped, and named by the tensor that
+    grew most against its level), NaN and an overflowing norm (not entered), a tensor that gains its first gradient
+    late (the levels start again), the same skips, names, gradients and saved state at every step."""
+    for mode in ("skip", "fused"):
+        ours_params, reference_params = make_params(device), make_params(device)
+        clippers = []
+        for params in (ours_params, reference_params):
+            fused = mode == "fused"
+            optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True) if fused else torch.optim.SGD(params, lr=1e-3)
+            names = [f"layer{i}.weight" for i in range(len(params))]
+            clippers.append(Clipper(methods.Norm(max_norm=50.0), zip(names, params), optimizer=optimizer,
+                                    skip_spikes=3.0, spike_window=24, fused=fused or None))  # fmt: skip
+        ours, reference = clippers
+        with counted_launches() as launched:
+            for step in range(48):
+                scale = {22: 2.5, 26: 40.0, 33: 80.0, 40: 8.0}.get(step, 1.0 + 0.2 * math.sin(step))
+                for params in (ours_params, reference_params):
+                    set_grads(params, step, torch.Generator().manual_seed(step))
+                    for p in params:
+                        if p.grad is not None and step not in (8, 18, 30):
+                            p.grad.mul_(scale / scale_at(step))
+                record = step % 5 == 0
+                ours.step(record=record)
+                kernels.ENABLED = False
+                try:
+                    reference.step(record=record)
+                finally:
+                    kernels.ENABLED = True
+                what = f"{mode} step {step}"
+                assert ours.spike_skipped_steps == reference.spike_skipped_steps, what
+                assert (ours.last_spike is None) == (reference.last_spike is None), what
+                if ours.last_spike is not None:
+                    assert ours.last_spike.tensor == reference.last_spike.tensor, what
+                    assert math.isclose(ours.last_spike.ratio, reference.last_spike.ratio, rel_tol=1e-5), what
+                for p, q in zip(ours_params, reference_params):
+                    assert (p.grad is None) == (q.grad is None), what
+                saved, expected = ours.spikes.state_dict(), reference.spikes.state_dict()
+                for key in saved:
+                    assert_close(saved[key].to(expected[key].dtype), expected[key], f"{what} spike state {key}")
+                if step == 10:
+                    kept, held = saved["history"].clone(), saved["history"]
+            torch.testing.assert_close(held, kept, equal_nan=True, rtol=0, atol=0)  # a saved state is a copy
+        assert launched.count("spike-skipping") == 48, mode
+        ours.flush(), reference.flush()  # the fused path counts its skips on the device
+        assert ours.skipped_steps == reference.skipped_steps >= 4, mode  # two spikes, NaN, the overflow
+        assert mode == "fused" or reference.spike_skipped_steps >= 3  # 22 (x2.5 the level), 26, 33
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_policy_kernels_match_the_pytorch_code_on_cuda():
     check_policies("cuda")
+    check_spike_skipping("cuda")
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
 def test_policy_kernels_under_the_triton_interpreter_match_the_pytorch_code():
-    run_under_triton_interpreter("import test_threshold_kernels as t; t.check_policies('cpu')")
+    checks = "t.check_spike_skipping('cpu'); t.check_policies('cpu')"
+    run_under_triton_interpreter(f"import test_threshold_kernels as t; {checks}")
 
 
 def test_no_kernel_on_cpu_without_the_interpreter(monkeypatch):
