@@ -122,7 +122,8 @@ def recording_with_updates(params) -> Callable[[], object]:
         record = engine.step(record=True)
         record.read()
         layout = engine.params.layout()
-        before = [p.clone() for p in layout.local_params()]
+        with torch.no_grad():  # as the callback's snapshot
+            before = [p.clone() for p in layout.local_params()]
         return update_stats(layout, stats.index(layout, layout.groups[0][0]), before, record.param_norms)
 
     return step
@@ -161,8 +162,8 @@ def timm_adaptive_clip_grad(params, clip_factor=0.01, eps=1e-3) -> None:
 
 
 def without_kernel(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` with the Triton kernels off: the scaling kernel (its layout, made on the first call, keeps the foreach
-    path) and the adaptive policies' one-kernel step (their PyTorch code runs instead)."""
+    """``fn`` with every Triton kernel off (``kernels.ENABLED``): the operators take torch's foreach kernels and the
+    policies and the spike skipper their PyTorch code, as on CPU."""
 
     def call():
         kernels.ENABLED = False
@@ -289,6 +290,15 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
             clipper("norm", params, "skip"),
         )
     )
+    if DEVICE.type == "cuda":  # the spike skipper's PyTorch code: a score of small kernels a step
+        cases.append(
+            (
+                "norm, nonfinite=skip, skip_spikes=6, PyTorch ops (no Triton kernel)",
+                "norm, nonfinite=skip (ours)",
+                without_kernel(clipper("norm", params, "skip", skip_spikes=6.0)),
+                clipper("norm", params, "skip"),
+            )
+        )
     cases += [
         (
             "norm + per-layer stats (logging step)",
