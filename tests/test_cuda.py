@@ -85,15 +85,29 @@ def steps_without_a_sync(clipper, steps=3):
 
 
 @pytest.mark.parametrize(
-    ("method", "kwargs"), [("norm", {}), ("agc", {}), ("zclip", {}), ("adagc", {}), ("tensor_norm", {"max_norm": 1.0})]
+    ("method", "kwargs"),
+    [
+        ("norm", {}),
+        ("agc", {}),
+        ("autoclip", {}),
+        ("zclip", {}),
+        ("adagc", {}),
+        ("tensor_norm", {"max_norm": 1.0}),
+        ("value", {"clip_value": 0.1}),
+        ("spam", {"warmup_steps": 1}),
+    ],
 )
 def test_no_host_sync_with_ignore_on_cuda(method, kwargs):
     params = [torch.nn.Parameter(torch.randn(256, 256, device="cuda")) for _ in range(8)]
-    optimizer = torch.optim.SGD(params, lr=0.1)  # the adaptive methods read its rate: a host float, no sync
-    method = methods.from_arguments(method, kwargs)
-    clipper = Clipper(method, zip(map(str, range(8)), params), optimizer=optimizer, nonfinite="ignore")
     for p in params:
         p.grad = torch.randn_like(p)
+    if method == "spam":  # Adam's second moments, from one step
+        optimizer = torch.optim.Adam(params, lr=1e-3)
+        optimizer.step()
+    else:
+        optimizer = torch.optim.SGD(params, lr=0.1)  # the adaptive methods read its rate: a host float, no sync
+    method = methods.from_arguments(method, kwargs)
+    clipper = Clipper(method, zip(map(str, range(8)), params), optimizer=optimizer, nonfinite="ignore")
     steps_without_a_sync(clipper)
 
 
