@@ -3,9 +3,9 @@ tensor (per-tensor clipping, AdaGC) or one per unit, a slice along dim 0 (AGC). 
 every unit of many tensors in one launch (AGC's measurement, :func:`unit_norms`), where torch takes one
 ``vector_norm`` launch per tensor: on an H100 this took AGC from 2.0-3.8x of ``norm``'s time to 0.75-1.3x. A third
 clamps many gradients to limits set by their optimizer's second moments (SPAM, :func:`clip_to_moments_`), where the
-foreach path takes eight kernels and two gradient-sized temporaries. A fourth clamps many gradients to one value
-(:func:`clamp_`) in one pass where ``clip_grad_value_`` takes two, measuring their largest values in the same pass
-when asked.
+foreach path takes eight kernels and two gradient-sized temporaries; the same kernel clamps many gradients to one
+value (:func:`clamp_`) in one pass where ``clip_grad_value_`` takes two, measuring their largest values in the same
+pass when asked.
 
 ``torch._foreach_mul_(tensors, factors)`` does the same with one 0-d or ``(rows, 1, ...)`` factor per tensor, but
 on CUDA a foreach kernel keeps its fast path (many tensors per launch) only where the factors match the tensors in
@@ -144,66 +144,15 @@ def _norm_kernel():
 
 
 @functools.cache
-def _spike_kernel():
-    """SPAM's clip in one launch (``None`` without Triton): every element of many gradients clamped to
-    ``+-(sqrt(theta * v) + tiny)``, ``v`` its element of the optimizer's second moment, in float32; where ``v`` is 0 the
-    limit is infinite. The same arithmetic as the foreach path of ``operators.SpikeAwareClip``, which launches eight
-    foreach kernels and holds two gradient-sized temporaries; this reads the gradient and the moment once and writes
-    the gradient once."""
-    try:
-        import triton
-        import triton.language as tl
-    except ImportError:
-        return None
-
-    @triton.jit
-    def clip_to_moments(
-        base,  # one of the gradients: the other tensors are addressed from it
-        offsets,  # int64: the gradients' offsets from the base, in elements, then their moments'
-        count,  # how many gradients
-        theta,
-        chunk_tensors,  # int32, per program: which gradient
-        chunk_starts,  # int32, per program: the first element of its chunk
-        numels,  # int32, per gradient
-        VECTOR: tl.constexpr,  # every offset a multiple of this (16 bytes' worth when all are 16-byte aligned)
-        CHUNK: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        program = tl.program_id(0)
-        tensor = tl.load(chunk_tensors + program)
-        start = tl.load(chunk_starts + program)
-        grad = base + tl.multiple_of(tl.load(offsets + tensor), VECTOR)
-        moment = base + tl.multiple_of(tl.load(offsets + count + tensor), VECTOR)
-        end = tl.minimum(tl.load(numels + tensor) - start, CHUNK)
-        full = (end // BLOCK) * BLOCK
-        tiny = 1.1754943508222875e-38  # float32's smallest normal number, as the foreach path adds
-        for offset in range(0, full, BLOCK):  # whole blocks: no mask, so the loads vectorize
-            index = tl.max_contiguous(tl.multiple_of(start + offset + tl.arange(0, BLOCK), BLOCK), BLOCK)
-            g = tl.load(grad + index)
-            v = tl.load(moment + index).to(tl.float32)
-            limit = tl.where(v == 0.0, float("inf"), tl.sqrt_rn(v * theta) + tiny)
-            low = tl.minimum(g.to(tl.float32), limit, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
-            clipped = tl.maximum(low, -limit, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(grad + index, clipped.to(g.dtype))
-        if full < end:
-            index = start + full + tl.arange(0, BLOCK)
-            inside = index < start + end
-            g = tl.load(grad + index, mask=inside)
-            v = tl.load(moment + index, mask=inside).to(tl.float32)
-            limit = tl.where(v == 0.0, float("inf"), tl.sqrt_rn(v * theta) + tiny)
-            low = tl.minimum(g.to(tl.float32), limit, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out, as torch
-            clipped = tl.maximum(low, -limit, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(grad + index, clipped.to(g.dtype), mask=inside)
-
-    return clip_to_moments
-
-
-@functools.cache
 def _clamp_kernel():
-    """Value clipping in one launch (``None`` without Triton): every element of many gradients clamped to ``+-limit``
-    in one read and one write, where ``clip_grad_value_``'s ``clamp_min_`` then ``clamp_max_`` read and write twice;
-    with ``MEASURE``, each tensor's largest absolute value before the clamp (NaN counted as Inf) taken in the same
-    pass, into ``norms`` (zeros) by one atomic max per program."""
+    """Clamping in one launch (``None`` without Triton): every element of many gradients clamped to ``+-limit`` in one
+    read and one write, where ``clip_grad_value_``'s ``clamp_min_`` then ``clamp_max_`` read and write twice.
+
+    With ``MOMENTS`` (SPAM), each element's limit is ``sqrt(limit * v) + tiny``, ``v`` its element of the optimizer's
+    second moment, infinite where ``v`` is 0: the arithmetic of ``operators.SpikeAwareClip``'s foreach path (eight
+    kernels, two gradient-sized temporaries), in float32. With ``MEASURE``, each tensor's largest absolute value
+    before the clamp (NaN counted as Inf) is taken in the same pass, into ``norms`` (zeros), one atomic max per
+    program. NaN stays NaN, as in torch's clamp."""
     try:
         import triton
         import triton.language as tl
@@ -212,13 +161,15 @@ def _clamp_kernel():
 
     @triton.jit
     def clamp(
-        base,  # one of the tensors: the others are addressed from it
-        offsets,  # int64, per tensor: its address less the base's, in elements
-        limit,
-        norms,  # float32, per tensor (only written when MEASURE)
-        chunk_tensors,  # int32, per program: which tensor
+        base,  # one of the gradients: the other tensors are addressed from it
+        offsets,  # int64: the gradients' offsets from the base, in elements, then (MOMENTS) their moments'
+        count,  # how many gradients
+        limit,  # the bound, or (MOMENTS) SPAM's theta
+        norms,  # float32, per gradient (only written when MEASURE)
+        chunk_tensors,  # int32, per program: which gradient
         chunk_starts,  # int32, per program: the first element of its chunk
-        numels,  # int32, per tensor
+        numels,  # int32, per gradient
+        MOMENTS: tl.constexpr,
         MEASURE: tl.constexpr,
         VECTOR: tl.constexpr,  # every offset a multiple of this (16 bytes' worth when all are 16-byte aligned)
         CHUNK: tl.constexpr,
@@ -227,28 +178,36 @@ def _clamp_kernel():
         program = tl.program_id(0)
         tensor = tl.load(chunk_tensors + program)
         start = tl.load(chunk_starts + program)
-        pointer = base + tl.multiple_of(tl.load(offsets + tensor), VECTOR)
+        grad = base + tl.multiple_of(tl.load(offsets + tensor), VECTOR)
+        if MOMENTS:
+            moment = base + tl.multiple_of(tl.load(offsets + count + tensor), VECTOR)
         end = tl.minimum(tl.load(numels + tensor) - start, CHUNK)
-        full = (end // BLOCK) * BLOCK
         largest = tl.zeros([BLOCK], dtype=tl.float32)
-        for offset in range(0, full, BLOCK):  # whole blocks: no mask, so the loads vectorize
+        tiny = 1.1754943508222875e-38  # float32's smallest normal number, as the foreach path adds
+        for offset in range(0, end, BLOCK):
             index = tl.max_contiguous(tl.multiple_of(start + offset + tl.arange(0, BLOCK), BLOCK), BLOCK)
-            values = tl.load(pointer + index)
-            x = values.to(tl.float32)
-            if MEASURE:
-                largest = tl.maximum(largest, tl.where(x == x, tl.abs(x), float("inf")))
-            low = tl.maximum(x, -limit, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch's clamp
-            tl.store(pointer + index, tl.minimum(low, limit, propagate_nan=tl.PropagateNan.ALL).to(values.dtype))
-        if full < end:
-            index = start + full + tl.arange(0, BLOCK)
+            whole = offset + BLOCK <= end  # no mask on whole blocks, so their loads vectorize
             inside = index < start + end
-            values = tl.load(pointer + index, mask=inside, other=0.0)
+            if whole:
+                values = tl.load(grad + index)
+            else:
+                values = tl.load(grad + index, mask=inside, other=0.0)
             x = values.to(tl.float32)
+            bound = limit
+            if MOMENTS:
+                if whole:
+                    v = tl.load(moment + index).to(tl.float32)
+                else:
+                    v = tl.load(moment + index, mask=inside, other=0.0).to(tl.float32)
+                bound = tl.where(v == 0.0, float("inf"), tl.sqrt_rn(v * limit) + tiny)
             if MEASURE:
                 largest = tl.maximum(largest, tl.where(x == x, tl.abs(x), float("inf")))
-            low = tl.maximum(x, -limit, propagate_nan=tl.PropagateNan.ALL)
-            tl.store(pointer + index, tl.minimum(low, limit, propagate_nan=tl.PropagateNan.ALL).to(values.dtype),
-                     mask=inside)  # fmt: skip
+            low = tl.maximum(x, -bound, propagate_nan=tl.PropagateNan.ALL)
+            clamped = tl.minimum(low, bound, propagate_nan=tl.PropagateNan.ALL).to(values.dtype)
+            if whole:
+                tl.store(grad + index, clamped)
+            else:
+                tl.store(grad + index, clamped, mask=inside)
         if MEASURE:
             tl.atomic_max(norms + tensor, tl.max(largest, axis=0))
 
@@ -405,26 +364,16 @@ def clamp_(plan: Plan, tensors: Sequence[Tensor], limit: float, measure: bool = 
     or Inf); else ``True``. ``False`` (nothing done) where :func:`multiply_` would return it."""
     if tensors[0].dtype not in _DTYPES[:3]:  # float64 would be clamped in float32
         return False
-    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
-        return False
-    device = tensors[0].device
-    norms = torch.zeros(len(tensors) if measure else 0, dtype=torch.float32, device=device)
-    programs = len(plan.chunk_tensors)
-    ran = programs == 0 or launch(
-        _clamp_kernel(), programs, device, "clamping",
-        tensors[plan.base], plan.offset_table, float(limit), norms, plan.chunk_tensors, plan.chunk_starts,
-        plan.numels, MEASURE=measure, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
-    )  # fmt: skip
-    if not ran:
-        return False
-    return norms if measure else True
+    norms = torch.zeros(len(tensors) if measure else 0, dtype=torch.float32, device=tensors[0].device)
+    ran = _clamp(plan, tensors, len(tensors), float(limit), norms, moments=False, measure=measure)
+    return False if not ran else norms if measure else True
 
 
 def spike_plan(grads: Sequence[Tensor], moments: Sequence[Tensor]) -> Plan | None:
     """The tables for SPAM's clip of ``grads`` by their second ``moments`` (the same shapes, every step), ``None`` where
     the kernel does not apply: the moments must share the gradients' dtype (float32, float16 or bfloat16; float64
     keeps the foreach path) and device."""
-    if not (grads and grads[0].dtype in _DTYPES[:3] and _spike_kernel()):
+    if not (grads and grads[0].dtype in _DTYPES[:3] and _clamp_kernel()):
         return None
     like = grads[0]
     if any(v.dtype != like.dtype or v.device != like.device or v.shape != g.shape for g, v in zip(grads, moments)):
@@ -433,18 +382,25 @@ def spike_plan(grads: Sequence[Tensor], moments: Sequence[Tensor]) -> Plan | Non
 
 
 def clip_to_moments_(plan: Plan, grads: Sequence[Tensor], moments: Sequence[Tensor], theta: float) -> bool:
-    """SPAM's clip of ``grads`` in place, as planned by :func:`spike_plan`, in one launch; ``False`` (nothing done)
-    where :func:`multiply_` would return it."""
-    tensors = [*grads, *moments]
+    """SPAM's clip of ``grads`` in place: each element clamped to ``+-(sqrt(theta * v) + tiny)`` (unclipped where
+    ``v`` is 0), as planned by :func:`spike_plan`, in one launch; ``False`` (nothing done) where :func:`multiply_`
+    would return it."""
+    empty = torch.empty(0, dtype=torch.float32, device=grads[0].device)
+    return _clamp(plan, [*grads, *moments], len(grads), float(theta), empty, moments=True, measure=False)
+
+
+def _clamp(plan: Plan, tensors: list[Tensor], count: int, limit: float, norms: Tensor, moments: bool,
+           measure: bool) -> bool:  # fmt: skip
+    """Launch the clamping kernel on ``tensors`` (the ``count`` gradients, then their moments when ``moments``)."""
     if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
         return False
     programs = len(plan.chunk_tensors)
     if not programs:
         return True
     return launch(
-        _spike_kernel(), programs, grads[0].device, "SPAM",
-        tensors[plan.base], plan.offset_table, len(grads), float(theta), plan.chunk_tensors, plan.chunk_starts,
-        plan.numels, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
+        _clamp_kernel(), programs, tensors[0].device, "SPAM" if moments else "clamping",
+        tensors[plan.base], plan.offset_table, count, limit, norms, plan.chunk_tensors, plan.chunk_starts, plan.numels,
+        MOMENTS=moments, MEASURE=measure, VECTOR=plan.vector, CHUNK=CHUNK, BLOCK=1024,
     )  # fmt: skip
 
 
