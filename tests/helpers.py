@@ -133,6 +133,16 @@ class _paused:
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
+class Uncompilable:
+    """Stands for a Triton kernel that cannot be compiled for this GPU: its launch raises, before writing anything."""
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            raise RuntimeError("no compiler for this device")
+
+        return launch
+
+
 def run_under_triton_interpreter(code: str) -> None:
     """Run ``code`` in a fresh process from ``tests/`` where Triton interprets its kernels on CPU
     (``TRITON_INTERPRET=1`` is read once, at import); fails with the process's error output."""

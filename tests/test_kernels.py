@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import HAS_TRITON, run_under_triton_interpreter
+from helpers import HAS_TRITON, Uncompilable, run_under_triton_interpreter
 from lightning_clip import kernels
 
 #: Shapes that cover empty tensors (first, so the kernel addresses from another), one element, several chunks
@@ -329,13 +329,6 @@ def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monke
     anything, the step scales through the foreach kernels, a warning says so, and the kernel is not tried again."""
     from lightning_clip import Clipper, methods
 
-    class Uncompilable:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("no compiler for this device")
-
-            return launch
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets plan() take CPU tensors
     monkeypatch.setattr(kernels, "_kernel", Uncompilable)
     monkeypatch.setattr(kernels, "ENABLED", True)
@@ -360,13 +353,6 @@ def test_value_with_skip_measures_then_clamps_where_the_clamping_kernel_cannot_c
     runs are measured and clamped with torch's kernels instead (a warning says so once), and NaN is still found
     (clamping first would have hidden an Inf)."""
     from lightning_clip import Clipper, methods
-
-    class Uncompilable:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("no compiler for this device")
-
-            return launch
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets plan() take CPU tensors
     monkeypatch.setattr(kernels, "_kernel", Uncompilable)

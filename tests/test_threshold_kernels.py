@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import HAS_TRITON, run_under_triton_interpreter
+from helpers import HAS_TRITON, Uncompilable, run_under_triton_interpreter
 from lightning_clip import kernels, methods, threshold_kernels
 from lightning_clip.clipper import Clipper
 
@@ -228,13 +228,6 @@ def test_no_kernel_on_cpu_without_the_interpreter(monkeypatch):
 def test_a_policy_kernel_that_cannot_compile_falls_back_with_one_warning(monkeypatch):
     """A GPU that Triton cannot compile for: the first launch fails before anything is written, the step takes the
     PyTorch code (the same thresholds and state as a clipper that never tried), one warning says so."""
-
-    class Uncompilable:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                raise RuntimeError("no compiler for this device")
-
-            return launch
 
     class FakeTriton:  # Triton need not be installed: the first launch fails before Triton would be needed
         next_power_of_2 = staticmethod(lambda n: 1 << (n - 1).bit_length())
