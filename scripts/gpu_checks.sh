@@ -91,7 +91,8 @@ print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 EOF
 run policy_profile 90 python - <<'EOF'
 # CUDA kernels per step of each adaptive policy, with its one-kernel step and with its PyTorch code, against fixed
-# norm clipping, on the 200-tensor model (counted with the profiler after warm-up steps).
+# norm clipping, on the 200-tensor model (counted with the profiler after warm-up steps); then value (with skip),
+# SPAM and spike skipping, with their kernels and without.
 import sys
 
 import torch
@@ -104,10 +105,18 @@ benchmark.DEVICE = torch.device("cuda")
 params = benchmark.make_model(benchmark.MODELS["200 tensors / 25M"])
 for p in params:
     p.grad = torch.randn_like(p)
-cases = {"norm": {}, "autoclip": {"warmup_steps": 1}, "zclip": {"warmup_steps": 1}, "adagc": {"warmup_steps": 1}}
-for name, kwargs in cases.items():
-    ours = benchmark.clipper(name, params, "ignore", **kwargs)
-    pytorch_ops = benchmark.without_kernel(benchmark.clipper(name, params, "ignore", **kwargs))
+cases = {
+    "norm": ("norm", "ignore", {}),
+    "autoclip": ("autoclip", "ignore", {"warmup_steps": 1}),
+    "zclip": ("zclip", "ignore", {"warmup_steps": 1}),
+    "adagc": ("adagc", "ignore", {"warmup_steps": 1}),
+    "value, skip": ("value", "skip", {"clip_value": 0.01}),
+    "spam": ("spam", "ignore", {"warmup_steps": 1, "optimizer": benchmark.adam_with_moments(params)}),
+    "norm, skip_spikes=6": ("norm", "skip", {"skip_spikes": 6.0}),
+}
+for name, (method, nonfinite, kwargs) in cases.items():
+    ours = benchmark.clipper(method, params, nonfinite, **kwargs)
+    pytorch_ops = benchmark.without_kernel(benchmark.clipper(method, params, nonfinite, **kwargs))
     for label, step in (("kernel", ours), ("PyTorch ops", pytorch_ops)):
         for _ in range(5):
             step()
