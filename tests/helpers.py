@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from lightning_clip import kernels
 from lightning_clip.operators import ClipOperator
 from lightning_clip.params import ParamSet
 from lightning_clip.thresholds import ThresholdPolicy
@@ -131,6 +133,22 @@ class _paused:
 
 #: Whether Triton is installed: then the kernels can run on CPU under its interpreter.
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+@contextlib.contextmanager
+def counted_launches():
+    """The ``what`` of every Triton launch while the block runs, in order."""
+    launched, launch = [], kernels.launch
+
+    def counting(kernel, programs, device, what, *args, **constants):
+        launched.append(what)
+        return launch(kernel, programs, device, what, *args, **constants)
+
+    kernels.launch = counting
+    try:
+        yield launched
+    finally:
+        kernels.launch = launch
 
 
 class Uncompilable:

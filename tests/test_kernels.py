@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import HAS_TRITON, Uncompilable, run_under_triton_interpreter
+from helpers import HAS_TRITON, Uncompilable, counted_launches, run_under_triton_interpreter
 from lightning_clip import kernels
 
 #: Shapes that cover empty tensors (first, so the kernel addresses from another), one element, several chunks
@@ -280,6 +280,40 @@ def check_spam_paths(device: str) -> None:
     assert changed > 0
 
 
+def check_trainer_runs() -> None:
+    """Real Lightning runs, the same model and batches with the kernels and without (``ENABLED`` off): ``value``
+    with ``skip`` through a NaN step, SPAM under Adam, ``norm`` with ``skip_spikes`` through a NaN step. The same
+    skips, the same logged metrics and the same parameters at the end; the kernels ran on every step."""
+    from lightning_clip import GradientClipping
+    from models import TinyModule, loader, trainer
+
+    cases = [  # method, its options, the model's, the kernel, the steps skipped
+        ("value", {"clip_value": 0.5}, {"nan_at_step": 3}, "clamping", 1),
+        ("spam", {"theta": 5.0, "warmup_steps": 2}, {"optimizer": "adam"}, "SPAM", 0),
+        ("norm", {"max_norm": 1.0, "skip_spikes": 2.0, "spike_window": 20}, {"nan_at_step": 5}, "spike-skipping", 2),
+    ]  # the second skip of the last: a spike at step 21
+    for method, options, module_options, kernel, skipped in cases:
+        runs = []
+        for enabled in (True, False):
+            model, clipping = TinyModule(**module_options), GradientClipping(method, log_every_n_steps=3, **options)
+            kernels.ENABLED = enabled
+            try:
+                with counted_launches() as launched:
+                    trainer([clipping], max_epochs=6).fit(model, loader())
+            finally:
+                kernels.ENABLED = True
+            clipper = clipping.clippers[0]
+            runs.append((model, clipping.last_metrics, clipper.skipped_steps, launched.count(kernel)))
+        (ours, metrics, skips, launches), (plain, plain_metrics, plain_skips, plain_launches) = runs
+        assert skips == plain_skips == skipped, method
+        assert plain_launches == 0 and launches >= 24 - skips - (2 if method == "spam" else 0), (method, launches)
+        assert metrics.keys() == plain_metrics.keys(), method
+        for key, value in metrics.items():
+            assert math.isclose(value, plain_metrics[key], rel_tol=1e-5, abs_tol=1e-7), (method, key)
+        for a, b in zip(ours.parameters(), plain.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.cuda
 def test_kernel_on_cuda_matches_float64():
     check_kernel("cuda")
@@ -321,7 +355,8 @@ def test_kernel_under_the_triton_interpreter_matches_float64():
     """The same checks on CPU tensors, in a process where Triton interprets the kernels."""
     checks = ["check_kernel", "check_unit_norms", "check_clamp", "check_value_paths", "check_spikes"]
     checks.append("check_spam_paths")
-    run_under_triton_interpreter("import test_kernels as t; " + "; ".join(f"t.{check}('cpu')" for check in checks))
+    calls = "; ".join(f"t.{check}('cpu')" for check in checks)
+    run_under_triton_interpreter(f"import test_kernels as t; {calls}; t.check_trainer_runs()")
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monkeypatch):

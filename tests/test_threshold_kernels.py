@@ -4,14 +4,13 @@ every way a step can be non-finite, and every path of the clipper. On a GPU (``c
 Triton's interpreter where Triton is installed (CI has no Triton: that test skips there; the policies' own tests in
 ``test_thresholds.py`` check the PyTorch code against the papers' formulas)."""
 
-import contextlib
 import math
 import warnings
 
 import pytest
 import torch
 
-from helpers import HAS_TRITON, Uncompilable, run_under_triton_interpreter
+from helpers import HAS_TRITON, Uncompilable, counted_launches, run_under_triton_interpreter
 from lightning_clip import kernels, methods, threshold_kernels
 from lightning_clip.clipper import Clipper
 
@@ -79,22 +78,6 @@ def clipper_for(method, params, mode, device):
         scaler_checks_nonfinite=mode == "scaler",
         fused=fused or None,
     )
-
-
-@contextlib.contextmanager
-def counted_launches():
-    """The ``what`` of every Triton launch while the block runs, in order."""
-    launched, launch = [], kernels.launch
-
-    def counting(kernel, programs, device, what, *args, **constants):
-        launched.append(what)
-        return launch(kernel, programs, device, what, *args, **constants)
-
-    kernels.launch = counting
-    try:
-        yield launched
-    finally:
-        kernels.launch = launch
 
 
 def assert_close(actual, expected, what):
