@@ -406,12 +406,14 @@ def _clamp(plan: Plan, tensors: list[Tensor], count: int, limit: float, norms: T
 
 def launch(kernel, programs: int, device: torch.device, what: str, *args, **constants) -> bool:
     """Launch a Triton ``kernel`` on ``programs`` programs on ``device``; ``False`` (nothing done) if it cannot be
-    compiled for this GPU: then a warning says so and no kernel of this module is tried again (:data:`ENABLED`).
+    compiled for this GPU: then a warning says so and the kernel that does ``what`` is not tried again
+    (:data:`_FAILED`); the others still run.
 
     Triton's own launch binds and specialises every argument anew (19 us of host time per launch on an H100, more
     than two PyTorch kernels). A kernel it compiled is kept here under what it was specialised on
     (:func:`_specialization`) and launched again directly (9 us)."""
-    global ENABLED
+    if what in _FAILED:
+        return False
     elsewhere = device.type == "cuda" and device.index != torch.cuda.current_device()
     try:
         with torch.cuda.device(device) if elsewhere else contextlib.nullcontext():  # Triton launches on the current
@@ -424,7 +426,7 @@ def launch(kernel, programs: int, device: torch.device, what: str, *args, **cons
                 if key is not None and compiled is not None and list(constants) == kernel.arg_names[len(args) :]:
                     _COMPILED[key] = compiled
     except Exception as error:  # compiling for this GPU failed (before anything was written)
-        ENABLED = False
+        _FAILED.add(what)
         message = f"lightning_clip: the Triton {what} kernel cannot run here ({error!r}); using PyTorch's kernels"
         warnings.warn(message, stacklevel=3)
         return False
@@ -433,6 +435,9 @@ def launch(kernel, programs: int, device: torch.device, what: str, *args, **cons
 
 #: The kernels Triton compiled, by :func:`_specialization`.
 _COMPILED: dict[tuple, object] = {}
+
+#: What the kernels that could not be compiled here do (``launch``'s ``what``): they are not tried again.
+_FAILED: set[str] = set()
 
 
 def _specialization(kernel, device: torch.device, args: tuple, constants: dict) -> tuple | None:

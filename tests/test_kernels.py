@@ -367,13 +367,14 @@ def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monke
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets plan() take CPU tensors
     monkeypatch.setattr(kernels, "_kernel", Uncompilable)
     monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "_FAILED", set())
     params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(5))]
     clipper = Clipper(methods.TensorNorm(max_norm=1.0), zip("ab", params), nonfinite="ignore")
     for p in params:
         p.grad = torch.full_like(p, 2.0)
     with pytest.warns(UserWarning, match="Triton scaling kernel cannot run here"):
         clipper.step()
-    assert not kernels.ENABLED
+    assert kernels._FAILED == {"scaling"}
     for p in params:
         p.grad = torch.full_like(p, 2.0)
     with warnings.catch_warnings():
@@ -386,13 +387,14 @@ def test_a_kernel_that_cannot_compile_falls_back_to_foreach_with_a_warning(monke
 def test_value_with_skip_measures_then_clamps_where_the_clamping_kernel_cannot_compile(monkeypatch):
     """``value`` with ``skip`` clamps while measuring where the kernel runs; where it cannot compile, that step's
     runs are measured and clamped with torch's kernels instead (a warning says so once), and NaN is still found
-    (clamping first would have hidden an Inf)."""
+    (clamping first would have hidden an Inf). The other kernels are not given up with it."""
     from lightning_clip import Clipper, methods
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets plan() take CPU tensors
     monkeypatch.setattr(kernels, "_kernel", Uncompilable)
     monkeypatch.setattr(kernels, "_clamp_kernel", Uncompilable)
     monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "_FAILED", set())
     params = [torch.nn.Parameter(torch.ones(4, 3)), torch.nn.Parameter(torch.ones(5, dtype=torch.bfloat16))]
     clipper = Clipper(methods.Value(clip_value=0.5), zip("ab", params), nonfinite="skip")
     for p in params:
@@ -405,6 +407,16 @@ def test_value_with_skip_measures_then_clamps_where_the_clamping_kernel_cannot_c
         p.grad = torch.full_like(p, -2.0)
     clipper.step()
     assert all(torch.equal(p.grad, torch.full_like(p, -0.5)) for p in params)
+
+    class Compiles:
+        launched = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.launched.append(args)
+
+    assert kernels._FAILED == {"clamping"}  # only the kernel that failed is given up: the others still launch
+    assert kernels.launch(Compiles(), 1, torch.device("cpu"), "scaling", 7) and Compiles.launched == [(7,)]
+    assert not kernels.launch(Compiles(), 1, torch.device("cpu"), "clamping", 7) and len(Compiles.launched) == 1
 
 
 def test_a_compiled_kernel_is_launched_again_only_for_what_it_was_specialised_on():
