@@ -309,7 +309,7 @@ def norm_plan(tensors: Sequence[Tensor], units: list[int]) -> Plan | None:
 def unit_norms(plan: Plan, tensors: Sequence[Tensor]) -> Tensor | None:
     """The L2 norm of every unit of ``tensors`` as planned, concatenated, in float32, in one launch; ``None`` if one
     of them is not contiguous this step, or if the kernel cannot run (as :func:`multiply_`)."""
-    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
+    if not _ready(plan, tensors):
         return None
     device = tensors[0].device
     out = torch.empty(plan.outputs, dtype=torch.float32, device=device)
@@ -322,6 +322,12 @@ def unit_norms(plan: Plan, tensors: Sequence[Tensor]) -> Tensor | None:
         plan.factor_starts, plan.row_sizes, CHUNK=CHUNK, BLOCK=plan.block,
     )  # fmt: skip
     return out if ran else None
+
+
+def _ready(plan: Plan, tensors: Sequence[Tensor]) -> bool:
+    """Whether the kernels are on and ``tensors`` can be launched on as planned this step: all contiguous, and
+    located (:func:`_locate`)."""
+    return ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)
 
 
 def _locate(plan: Plan, tensors: Sequence[Tensor]) -> bool:
@@ -345,7 +351,7 @@ def multiply_(plan: Plan, tensors: Sequence[Tensor], factors: Tensor) -> bool:
     """Scale ``tensors`` in place as planned, in one launch; ``False`` (nothing done) if one of them is not
     contiguous this step, or if the kernel cannot be compiled for this GPU (a warning says so, and it is not tried
     again). Their dtype is the planned one: a gradient always has its parameter's."""
-    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
+    if not _ready(plan, tensors):
         return False
     programs = len(plan.chunk_tensors)
     if not programs:
@@ -392,7 +398,7 @@ def clip_to_moments_(plan: Plan, grads: Sequence[Tensor], moments: Sequence[Tens
 def _clamp(plan: Plan, tensors: list[Tensor], count: int, limit: float, norms: Tensor, moments: bool,
            measure: bool) -> bool:  # fmt: skip
     """Launch the clamping kernel on ``tensors`` (the ``count`` gradients, then their moments when ``moments``)."""
-    if not (ENABLED and all(map(Tensor.is_contiguous, tensors)) and _locate(plan, tensors)):
+    if not _ready(plan, tensors):
         return False
     programs = len(plan.chunk_tensors)
     if not programs:

@@ -112,6 +112,15 @@ def _factor_views(layout: Layout, key: Any, factors: Tensor, sizes: list[int] | 
     return slot[1]
 
 
+def _kernel_plan(layout: Layout, key: Any, build: Callable[[], Any]) -> Any:
+    """The plan kept in ``layout`` under ``key`` for one of :mod:`lightning_clip.kernels`' kernels, built on first use
+    (``None``, kept too, where the kernel does not apply)."""
+    plan = layout.kernel_plans.get(key, False)
+    if plan is False:
+        plan = layout.kernel_plans[key] = build()
+    return plan
+
+
 def _scale_each_(
     layout: Layout,
     key: Any,
@@ -125,15 +134,17 @@ def _scale_each_(
     scale (and their factors) out of ``tensors``. On CUDA one launch of :mod:`lightning_clip.kernels` where it
     applies; otherwise one foreach kernel over views of the factors (on CUDA, one kernel per tensor)."""
     chosen = tensors if select is None else select(tensors)
-    plan = layout.kernel_plans.get(key, False)
-    if plan is False:
+
+    def build() -> kernels.Plan | None:
         starts: Sequence[int] = range(len(tensors))
         if units is not None:
             starts = list(itertools.accumulate(units, initial=0))[:-1]
         if select is not None:
             starts = select(starts)
         chosen_units = units if units is None or select is None else list(select(units))
-        plan = layout.kernel_plans[key] = kernels.plan(chosen, list(starts), chosen_units)
+        return kernels.plan(chosen, list(starts), chosen_units)
+
+    plan = _kernel_plan(layout, key, build)
     if plan is not None and kernels.multiply_(plan, chosen, factors.reshape(-1)):
         return
     views = _factor_views(layout, key, factors, units)
@@ -264,11 +275,16 @@ class ValueClip(ClipOperator):
 
     @staticmethod
     def _plan(layout: Layout, run: slice, tensors: Sequence[Tensor]) -> kernels.Plan | None:
-        key = ("value", run.start)
-        plan = layout.kernel_plans.get(key, False)
-        if plan is False:
-            plan = layout.kernel_plans[key] = kernels.plan(tensors, list(range(len(tensors))), None)
-        return plan
+        def build() -> kernels.Plan | None:  # one factor slot per tensor, unused: a clamp has no factors
+            return kernels.plan(tensors, list(range(len(tensors))), None)
+
+        return _kernel_plan(layout, ("value", run.start), build)
+
+    @staticmethod
+    def _foreach_clamp_(tensors: Sequence[Tensor], limit: float) -> None:
+        """``clip_grad_value_``'s clamp: two foreach passes."""
+        torch._foreach_clamp_min_(tensors, -limit)
+        torch._foreach_clamp_max_(tensors, limit)
 
     def apply(self, layout, grads, measured, threshold) -> Applied:
         limit = float(threshold)
@@ -276,8 +292,7 @@ class ValueClip(ClipOperator):
             clipped = layout.clipped_of(run, grads[run])
             plan = self._plan(layout, run, clipped) if clipped else None
             if clipped and (plan is None or not kernels.clamp_(plan, clipped, limit)):
-                torch._foreach_clamp_min_(clipped, -limit)
-                torch._foreach_clamp_max_(clipped, limit)
+                self._foreach_clamp_(clipped, limit)
         return Applied(changed=None if measured is None else measured.total > limit, scale=None)
 
     def clip_measuring(self, layout: Layout, grads: list[Tensor], threshold: Threshold) -> Measured | None:
@@ -294,8 +309,7 @@ class ValueClip(ClipOperator):
             norms = kernels.clamp_(plan, tensors, limit, measure=True)
             if norms is False:  # a tensor not contiguous this step, or a GPU Triton cannot compile for
                 norms = torch.stack(torch._foreach_norm(tensors, math.inf, dtype=_norm_dtype(tensors[0])))
-                torch._foreach_clamp_min_(tensors, -limit)
-                torch._foreach_clamp_max_(tensors, limit)
+                self._foreach_clamp_(tensors, limit)
             per_run.append(norms)
         norms = _concat(per_run)
         total = total_norm(norms, math.inf)
@@ -423,9 +437,7 @@ def _unit_norms_in_one_launch(layout: Layout, key: Any, tensors: list[Tensor], g
     sharding (there a rank's rows come from the collective's layout)."""
     if layout.reducer is not None or any(len(part) > 1 for part in group.parts):
         return None
-    plan = layout.kernel_plans.get(key, False)
-    if plan is False:
-        plan = layout.kernel_plans[key] = kernels.norm_plan(tensors, group.units)
+    plan = _kernel_plan(layout, key, lambda: kernels.norm_plan(tensors, group.units))
     if plan is None:
         return None
     column = kernels.unit_norms(plan, tensors)

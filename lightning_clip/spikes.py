@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from lightning_clip import threshold_kernels
-from lightning_clip.thresholds import resized_ring
+from lightning_clip.thresholds import resized_ring, saved_copy
 
 #: EMA smoothing of each tensor's norm level, for naming the tensor behind a spike.
 LEVEL_BETA = 0.9
@@ -89,9 +89,8 @@ class SpikeSkipper:
 
     def state_dict(self) -> dict[str, Any]:
         """Copies (the kernel updates ``history`` and ``count`` in place)."""
-        levels = self.levels.to("cpu", copy=True) if self.levels is not None else torch.empty(0)
-        return {"history": self.history.to("cpu", copy=True), "count": self.count.to("cpu", copy=True),
-                "levels": levels}  # fmt: skip
+        levels = saved_copy(self.levels) if self.levels is not None else torch.empty(0)
+        return {"history": saved_copy(self.history), "count": saved_copy(self.count), "levels": levels}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history = resized_ring(state["history"], int(state["count"]), self.window)  # the latest that fit

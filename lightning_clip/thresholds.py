@@ -155,7 +155,7 @@ class UnitUpdateCap(ReadsLearningRate, ThresholdPolicy):
         self.inner.load_state_dict(state)
 
 
-def _saved(state: Tensor) -> Tensor:
+def saved_copy(state: Tensor) -> Tensor:
     """A copy of a state tensor on the host for a checkpoint (the kernels update the state in place)."""
     return state.detach().to("cpu", copy=True)
 
@@ -300,7 +300,7 @@ class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
         self.count = self.count.to(usable.device) + usable.long()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"history": _saved(self.history), "count": _saved(self.count)}
+        return {"history": saved_copy(self.history), "count": saved_copy(self.count)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the history; saved with another ``window``, the most recent norms that fit are kept."""
@@ -447,7 +447,7 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
 
     def state_dict(self) -> dict[str, Any]:
         tensors = {"warmup": self.warmup, "count": self.count, "mean": self.mean, "var": self.var}
-        return {name: _saved(t) for name, t in tensors.items()}
+        return {name: saved_copy(t) for name, t in tensors.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restores the EMA; saved with another ``warmup_steps``, a finished warmup stays finished and an unfinished
@@ -582,8 +582,8 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         self.count = self.count + usable.long()
 
     def state_dict(self) -> dict[str, Any]:
-        gamma = _saved(self.gamma) if self.gamma is not None else torch.empty(0)
-        return {"gamma": gamma, "count": _saved(self.count)}
+        gamma = saved_copy(self.gamma) if self.gamma is not None else torch.empty(0)
+        return {"gamma": gamma, "count": saved_copy(self.count)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.gamma = state["gamma"].clone() if state["gamma"].numel() else None
