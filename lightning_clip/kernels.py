@@ -3,7 +3,7 @@ tensor (per-tensor clipping, AdaGC) or one per unit, a slice along dim 0 (AGC). 
 every unit of many tensors in one launch (AGC's measurement, :func:`unit_norms`), where torch takes one
 ``vector_norm`` launch per tensor: on an H100 this took AGC from 2.0-3.8x of ``norm``'s time to 0.75-1.3x. A third
 clamps many gradients to limits set by their optimizer's second moments (SPAM, :func:`clip_to_moments_`), where the
-foreach path takes eight kernels and two gradient-sized temporaries; the same kernel clamps many gradients to one
+foreach path takes seven kernels and two gradient-sized temporaries; the same kernel clamps many gradients to one
 value (:func:`clamp_`) in one pass where ``clip_grad_value_`` takes two, measuring their largest values in the same
 pass when asked.
 
@@ -148,11 +148,11 @@ def _clamp_kernel():
     """Clamping in one launch (``None`` without Triton): every element of many gradients clamped to ``+-limit`` in one
     read and one write, where ``clip_grad_value_``'s ``clamp_min_`` then ``clamp_max_`` read and write twice.
 
-    With ``MOMENTS`` (SPAM), each element's limit is ``sqrt(limit * v) + tiny``, ``v`` its element of the optimizer's
-    second moment, infinite where ``v`` is 0: the arithmetic of ``operators.SpikeAwareClip``'s foreach path (eight
-    kernels, two gradient-sized temporaries), in float32. With ``MEASURE``, each tensor's largest absolute value
-    before the clamp (NaN counted as Inf) is taken in the same pass, into ``norms`` (zeros), one atomic max per
-    program. NaN stays NaN, as in torch's clamp."""
+    With ``MOMENTS`` (SPAM), each element's limit is ``max(sqrt(limit * v), tiny)``, ``v`` its element of the
+    optimizer's second moment, infinite where ``v`` is 0: the arithmetic of ``operators.SpikeAwareClip``'s foreach
+    path (seven kernels, two gradient-sized temporaries), in float32. With ``MEASURE``, each tensor's largest
+    absolute value before the clamp (NaN counted as Inf) is taken in the same pass, into ``norms`` (zeros), one
+    atomic max per program. NaN stays NaN, as in torch's clamp."""
     try:
         import triton
         import triton.language as tl
@@ -183,7 +183,7 @@ def _clamp_kernel():
             moment = base + tl.multiple_of(tl.load(offsets + count + tensor), VECTOR)
         end = tl.minimum(tl.load(numels + tensor) - start, CHUNK)
         largest = tl.zeros([BLOCK], dtype=tl.float32)
-        tiny = 1.1754943508222875e-38  # float32's smallest normal number, as the foreach path adds
+        tiny = 1.1754943508222875e-38  # float32's smallest normal number: the foreach path's least limit
         for offset in range(0, end, BLOCK):
             index = tl.max_contiguous(tl.multiple_of(start + offset + tl.arange(0, BLOCK), BLOCK), BLOCK)
             whole = offset + BLOCK <= end  # no mask on whole blocks, so their loads vectorize
@@ -199,7 +199,8 @@ def _clamp_kernel():
                     v = tl.load(moment + index).to(tl.float32)
                 else:
                     v = tl.load(moment + index, mask=inside, other=0.0).to(tl.float32)
-                bound = tl.where(v == 0.0, float("inf"), tl.sqrt_rn(v * limit) + tiny)
+                root = tl.maximum(tl.sqrt_rn(v * limit), tiny, propagate_nan=tl.PropagateNan.ALL)
+                bound = tl.where(v == 0.0, float("inf"), root)
             if MEASURE:
                 largest = tl.maximum(largest, tl.where(x == x, tl.abs(x), float("inf")))
             low = tl.maximum(x, -bound, propagate_nan=tl.PropagateNan.ALL)
@@ -388,7 +389,7 @@ def spike_plan(grads: Sequence[Tensor], moments: Sequence[Tensor]) -> Plan | Non
 
 
 def clip_to_moments_(plan: Plan, grads: Sequence[Tensor], moments: Sequence[Tensor], theta: float) -> bool:
-    """SPAM's clip of ``grads`` in place: each element clamped to ``+-(sqrt(theta * v) + tiny)`` (unclipped where
+    """SPAM's clip of ``grads`` in place: each element clamped to ``+-max(sqrt(theta * v), tiny)`` (unclipped where
     ``v`` is 0), as planned by :func:`spike_plan`, in one launch; ``False`` (nothing done) where :func:`multiply_`
     would return it."""
     empty = torch.empty(0, dtype=torch.float32, device=grads[0].device)

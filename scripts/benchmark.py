@@ -262,7 +262,7 @@ def rows(params, repeats: int) -> list[tuple[str, str, float]]:
             cases.append((label, "norm, fixed max_norm (ours)", engine, fixed_norm))
     spam = clipper("spam", params, "ignore", optimizer=adam_with_moments(params), warmup_steps=1)
     cases.append(("spam, nonfinite=ignore", "norm, fixed max_norm (ours)", spam, fixed_norm))
-    if DEVICE.type == "cuda":  # SPAM's eight foreach kernels and two temporaries, where its kernel is one launch
+    if DEVICE.type == "cuda":  # SPAM's seven foreach kernels and two temporaries, where its kernel is one launch
         foreach_spam = without_kernel(clipper("spam", params, "ignore", optimizer=adam_with_moments(params),
                                               warmup_steps=1))  # fmt: skip
         cases.append(("spam, foreach path (no Triton kernel)", "norm, fixed max_norm (ours)", foreach_spam, fixed_norm))

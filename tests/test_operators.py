@@ -6,6 +6,7 @@ import torch
 from helpers import HostReads, agc_reference, apply, clone_grads, make_params, named, timm_style_agc
 from lightning_clip.clipper import Clipper
 from lightning_clip.methods import AGC, TensorNorm
+from lightning_clip.methods import Value as ValueClipMethod
 from lightning_clip.operators import GlobalNormClip, NoClip, TensorNormClip, UnitwiseClip, ValueClip
 from lightning_clip.params import ParamSet
 from lightning_clip.thresholds import FixedThreshold
@@ -39,6 +40,30 @@ def test_value_matches_torch(clip_value):
     for a, b in zip(ours, theirs):
         assert torch.equal(a.grad, b.grad)
         assert a.grad.abs().max() <= clip_value
+
+
+@pytest.mark.parametrize("nonfinite", ["ignore", "skip"])
+def test_value_clamps_large_tensors_one_at_a_time_as_torch(nonfinite):
+    """On CPU tensors of more than ONE_AT_A_TIME_NUMEL elements take one clamp_ each (one pass), the others the two
+    foreach clamps: every gradient equals clip_grad_value_'s, bit for bit, Inf and NaN included (with ignore); with
+    skip, a NaN in a large tensor skips the step and is named."""
+    shapes = [(100, 100), (7,), (8193,), (8192,), (0,), (3, 3), (9000,)]
+    ours, theirs = (make_params(shapes=shapes, seed=22, grad_scale=3.0) for _ in range(2))
+    if nonfinite == "ignore":  # with skip they would skip the step
+        for params in (ours, theirs):
+            params[0].grad[4, 4] = float("inf")
+            params[6].grad[10] = float("-inf")
+            params[3].grad[0] = float("nan")
+    clipper = Clipper(ValueClipMethod(clip_value=0.5), named(ours), nonfinite=nonfinite)
+    clipper.step()
+    torch.nn.utils.clip_grad_value_(theirs, 0.5, foreach=True)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
+    assert clipper.params.layout().kernel_plans[("value-split", 0)] == ([0, 2, 6], [1, 3, 4, 5])
+    ours[2].grad[0] = float("nan")
+    clipper.step()
+    if nonfinite == "skip":
+        assert all(p.grad is None for p in ours) and clipper.last_nonfinite == ["layer2.weight"]
 
 
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
@@ -224,6 +249,51 @@ def test_spam_matches_the_rule_in_float64_and_leaves_zero_moments_alone():
         assert p.grad.view(-1)[0] == 1e3  # v == 0 there: left alone
         spikes += int((p.grad != before).sum())
     assert spikes > 0
+
+
+DTYPE_PAIRS = [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, torch.float32), (torch.float64,) * 2]
+
+
+@pytest.mark.parametrize("dtype,moment_dtype", DTYPE_PAIRS)
+def test_spam_clips_large_tensors_one_at_a_time_as_the_rule_and_the_foreach_list(dtype, moment_dtype, monkeypatch):
+    """On CPU SPAM clips tensors of more than ONE_AT_A_TIME_NUMEL elements one at a time: the same arithmetic, so the
+    same results as the whole list in one foreach call, bit for bit, and SPAM's rule in float64. The sizes straddle
+    the bound; one large tensor is excluded and one has no moment yet."""
+    from lightning_clip import SPAM, Clipper, operators
+
+    shapes = [(120, 80), (7,), (8193,), (8192,), (3, 3), (9000,), (100, 90)]
+    gen = torch.Generator().manual_seed(21)
+
+    def run(bound):
+        monkeypatch.setattr(operators, "ONE_AT_A_TIME_NUMEL", bound)
+        gen.manual_seed(21)
+        params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
+        optimizer = torch.optim.Adam(params)
+        moments, grads = [], []
+        for k, p in enumerate(params):
+            v = (torch.rand(p.shape, generator=gen) * 1e-4).to(moment_dtype)
+            v.view(-1)[::11] = 0.0
+            g = torch.randn(p.shape, generator=gen) * torch.where(torch.rand(p.shape, generator=gen) < 0.2, 10.0, 0.1)
+            p.grad = g.to(dtype)
+            grads.append(p.grad.clone())
+            if k != 6:  # the last has no moment yet
+                optimizer.state[p]["exp_avg_sq"] = v
+            moments.append(v)
+        clipper = Clipper(SPAM(theta=50.0, warmup_steps=1, exclude=["layer5.weight"]), named(params),
+                          optimizer=optimizer, nonfinite="ignore")  # fmt: skip
+        clipper.step()
+        split = clipper.params.layout().kernel_plans[("spam", 0)].split
+        return [p.grad for p in params], grads, moments, split
+
+    alone, grads, moments, split = run(8192)
+    together, *_, together_split = run(10**9)
+    assert split == ([0, 2], [1, 3, 4]) and together_split == ([], None)  # of the five chosen: (120, 80), (8193,)
+    tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
+    for k, (a, b, g, v) in enumerate(zip(alone, together, grads, moments)):
+        assert torch.equal(a, b)
+        want = g.double() if k in (5, 6) else spam_reference(g, v, 50.0)
+        torch.testing.assert_close(a.double(), want, rtol=tolerance, atol=0)
+    assert not torch.equal(alone[0], grads[0]) and torch.equal(alone[5], grads[5])
 
 
 def test_spam_reads_the_moments_the_optimizer_holds_now():
