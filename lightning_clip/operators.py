@@ -52,6 +52,8 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
             continue
         if norm_type == math.inf and held[0].device.type == "cpu":
             norms = _max_abs(held).to(dtype)
+        elif norm_type == 2.0 and held[0].device.type == "cpu" and held[0].dtype in _BLAS_DTYPES:
+            norms = _l2_norms(held, _size_split(layout, ("l2", run.start), held))
         else:
             norms = torch.stack(torch._foreach_norm(held, norm_type, dtype=_norm_dtype(tensors[0])))
         if len(held) < len(tensors):  # the tensors with no element on this rank have norm 0 here
@@ -85,6 +87,27 @@ def _max_abs(tensors: list[Tensor]) -> Tensor:
         return values
     values = torch.cat([torch.stack(torch._foreach_norm([tensors[k] for k in small], math.inf)), values])
     return torch.empty_like(values).index_copy_(0, torch.tensor(small + large), values)
+
+
+_BLAS_DTYPES = (torch.float32, torch.float64)
+
+
+def _l2_norms(tensors: list[Tensor], split: tuple[list[int], list[int] | None]) -> Tensor:
+    """The L2 norm of each tensor, on CPU (float32 or float64): those of more than :data:`ONE_AT_A_TIME_NUMEL`
+    elements as the square root of the tensor's dot product with itself (BLAS), the rest in one foreach kernel.
+    On 2 threads with MKL the dot products take 0.25x the time of ``_foreach_norm`` at 250k elements a tensor and
+    0.66x at 25k, and they are the more accurate: against float64, ``vector_norm`` was off by 1.7e-6 (relative) at
+    250k elements of ``3 * randn + 0.5``, 8.7e-5 at 4M and 2.7e-3 at 38M (a GPT-2 embedding), the dot product by
+    1.4e-8, 1.4e-6 and 4.4e-5. NaN and Inf propagate through both; a norm overflows where its square does."""
+    alone, rest = split
+    if not alone:
+        return torch.stack(torch._foreach_norm(tensors))
+    flats = [tensors[k].reshape(-1) for k in alone]  # a view where contiguous
+    norms = torch.stack([torch.dot(flat, flat) for flat in flats]).sqrt_()
+    if not rest:
+        return norms
+    norms = torch.cat([norms, torch.stack(torch._foreach_norm([tensors[k] for k in rest]))])
+    return torch.empty_like(norms).index_copy_(0, torch.tensor(alone + rest), norms)
 
 
 def _concat(per_run: list[Tensor]) -> Tensor:
@@ -132,11 +155,18 @@ ONE_AT_A_TIME_NUMEL = 8192
 
 
 def _split_by_size(tensors: Sequence[Tensor]) -> tuple[list[int], list[int] | None]:
-    """The positions of the tensors to clip one at a time (:data:`ONE_AT_A_TIME_NUMEL`) and of the others (``None``:
+    """The positions of the tensors to take one at a time (:data:`ONE_AT_A_TIME_NUMEL`) and of the others (``None``:
     all of them)."""
     alone = [k for k, t in enumerate(tensors) if t.device.type == "cpu" and t.numel() > ONE_AT_A_TIME_NUMEL]
     taken = set(alone)
     return alone, None if not alone else [k for k in range(len(tensors)) if k not in taken]
+
+
+def _size_split(layout: Layout, key: Any, tensors: Sequence[Tensor]) -> tuple[list[int], list[int] | None]:
+    """:func:`_split_by_size` of a run's ``tensors``, made once per layout and kept under ``key``."""
+    if key not in layout.size_splits:
+        layout.size_splits[key] = _split_by_size(tensors)
+    return layout.size_splits[key]
 
 
 def _pick(items: list, positions: list[int] | None) -> list:
@@ -315,7 +345,7 @@ class ValueClip(ClipOperator):
     def _clamp_(layout: Layout, run: slice, tensors: list[Tensor], limit: float) -> None:
         """``clip_grad_value_``'s clamp without the kernel: two foreach passes, but one ``clamp_`` for each large
         tensor on CPU (:data:`ONE_AT_A_TIME_NUMEL`)."""
-        alone, rest = _kernel_plan(layout, ("value-split", run.start), lambda: _split_by_size(tensors))
+        alone, rest = _size_split(layout, ("value", run.start), tensors)
         for k in alone:
             tensors[k].clamp_(-limit, limit)
         together = _pick(tensors, rest)

@@ -59,7 +59,7 @@ def test_value_clamps_large_tensors_one_at_a_time_as_torch(nonfinite):
     torch.nn.utils.clip_grad_value_(theirs, 0.5, foreach=True)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, equal_nan=True)
-    assert clipper.params.layout().kernel_plans[("value-split", 0)] == ([0, 2, 6], [1, 3, 4, 5])
+    assert clipper.params.layout().size_splits[("value", 0)] == ([0, 2, 6], [1, 3, 4, 5])
     ours[2].grad[0] = float("nan")
     clipper.step()
     if nonfinite == "skip":
@@ -450,3 +450,30 @@ def test_inf_norms_of_small_and_large_tensors_in_any_order_match_torch_with_nan_
     norms = ValueClip().measure(layout, grads).norms
     expected = [torch.linalg.vector_norm(g, math.inf) if g.numel() else torch.tensor(0.0) for g in grads]
     torch.testing.assert_close(norms, torch.stack(expected), equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_l2_norms_of_large_tensors_are_dot_products_in_place_and_closer_to_float64_than_vector_norm(dtype):
+    """On CPU tensors of more than ONE_AT_A_TIME_NUMEL elements take their L2 norm as a dot product with themselves:
+    every norm comes back in its place (small tensors from the foreach kernel), a non-contiguous large tensor too,
+    NaN and Inf propagate, and over 4M elements the norm is within 1e-5 of float64 (vector_norm's own float32
+    accumulation is off by about 1e-4 there). The parameter norms of a record take the same path."""
+    from lightning_clip import operators
+
+    shapes = [(200, 50), (7,), (8193,), (8192,), (0,), (3, 3), (50, 200), (9000,)]
+    params = make_params(shapes=shapes, zero_params=(), seed=23, dtype=dtype)
+    params[6].grad = params[6].grad.t().contiguous().t()  # (50, 200) with the strides of its transpose
+    params[7].grad[3] = float("inf")
+    params[2].grad[5] = float("nan")
+    layout, grads = _layout_and_grads(params)
+    assert not grads[6].is_contiguous()
+    norms = GlobalNormClip().measure(layout, grads).norms
+    assert layout.size_splits[("l2", 0)] == ([0, 2, 6, 7], [1, 3, 4, 5])
+    expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
+    torch.testing.assert_close(norms.double(), expected, equal_nan=True, rtol=1e-6, atol=0)
+    assert norms.dtype == dtype and math.isinf(norms[7]) and math.isnan(norms[2])
+
+    big = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0), dtype=dtype) * 3 + 0.5
+    exact = big.double().square().sum().sqrt()
+    measured = operators._l2_norms([big], ([0], []))[0]
+    assert abs(measured.double() - exact) / exact < 1e-5
