@@ -39,8 +39,9 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
     """The ``norm_type``-norm of every tensor, in layout order, as one 1-D tensor: one foreach kernel per run.
 
     The inf-norm (largest absolute value) is taken on CPU with ``aminmax``, one pass per tensor, which runs several
-    times faster there than ``_foreach_norm(ord=inf)`` but for small tensors (NaN propagates through both); on a GPU
-    with the foreach kernel, which there is many times faster than a kernel per tensor. For sharded (DTensor)
+    times faster there than ``_foreach_norm(ord=inf)`` but for small tensors (NaN propagates through both); the L2
+    norm of a large float32/float64 tensor on CPU as a dot product (:func:`_l2_norms`); on a GPU both with the
+    foreach kernel, which there is many times faster than a kernel per tensor. For sharded (DTensor)
     parameters, ``grads`` are local shards and one collective turns their norms into those of the full tensors."""
     per_run = []
     for _, run in layout.groups:
@@ -144,13 +145,14 @@ def _kernel_plan(layout: Layout, key: Any, build: Callable[[], Any]) -> Any:
     return plan
 
 
-#: On CPU, tensors of more than this many elements are clipped one at a time where the clip is several elementwise
-#: passes (``value``'s clamp, SPAM's clip): one ``clamp_`` is one pass where ``clamp_min_`` then ``clamp_max_`` are
-#: two, and SPAM's temporaries are one tensor's, still in cache when the next op reads them, where over the whole
-#: list they are two gradient-sized buffers. Below it the foreach kernels' one call for many tensors wins. On 2
-#: threads, one ``clamp_`` per tensor against the two foreach clamps: 2.0x as long at 512 elements, 1.2x at 4096,
-#: 0.92x at 8192, 0.61x at 65536; SPAM one tensor at a time against its foreach list: 0.58x (200 x 250k elements),
-#: 0.56x (2000 x 25k). On a GPU the kernels of :mod:`lightning_clip.kernels` do each in one pass.
+#: On CPU, tensors of more than this many elements are taken one at a time where that is faster than a foreach
+#: kernel over the list: their L2 norms (a dot product each, :func:`_l2_norms`), ``value``'s clamp (one ``clamp_``
+#: is one pass where ``clamp_min_`` then ``clamp_max_`` are two) and SPAM's clip (its temporaries are one tensor's,
+#: still in cache when the next op reads them, where over the whole list they are two gradient-sized buffers).
+#: Below it the foreach kernels' one call for many tensors wins. On 2 threads, one ``clamp_`` per tensor against
+#: the two foreach clamps: 2.0x as long at 512 elements, 1.2x at 4096, 0.92x at 8192, 0.61x at 65536; SPAM one
+#: tensor at a time against its foreach list: 0.58x (200 x 250k elements), 0.56x (2000 x 25k). On a GPU the
+#: foreach kernels and those of :mod:`lightning_clip.kernels` take every tensor of a run in one launch.
 ONE_AT_A_TIME_NUMEL = 8192
 
 
