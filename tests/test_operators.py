@@ -477,5 +477,5 @@ def test_l2_norms_of_large_tensors_are_dot_products_in_place_and_closer_to_float
     exact = big.double().square().sum().sqrt()
     measured = operators._l2_norms([big], ([0], []))[0]
     assert abs(measured.double() - exact) / exact < 1e-5
-    huge = torch.full((10_000,), 1e20, dtype=dtype)  # the square overflows float32 as vector_norm's does
-    assert torch.equal(operators._l2_norms([huge], ([0], [])), torch.stack([torch.linalg.vector_norm(huge)]))
+    huge = torch.full((10_000,), 1e20, dtype=torch.float32)  # the square overflows float32 as vector_norm's does
+    assert math.isinf(operators._l2_norms([huge], ([0], []))[0]) and math.isinf(torch.linalg.vector_norm(huge))
