@@ -86,8 +86,13 @@ def _max_abs(tensors: list[Tensor]) -> Tensor:
     values = torch.maximum(torch.stack([high for _, high in extremes]), -torch.stack([low for low, _ in extremes]))
     if not small:
         return values
-    values = torch.cat([torch.stack(torch._foreach_norm([tensors[k] for k in small], math.inf)), values])
-    return torch.empty_like(values).index_copy_(0, torch.tensor(small + large), values)
+    return _in_order(small, torch.stack(torch._foreach_norm([tensors[k] for k in small], math.inf)), large, values)
+
+
+def _in_order(first: list[int], first_values: Tensor, second: list[int], second_values: Tensor) -> Tensor:
+    """The values of the tensors at positions ``first``, then ``second``, as one 1-D tensor in position order."""
+    values = torch.cat([first_values, second_values])
+    return torch.empty_like(values).index_copy_(0, torch.tensor(first + second), values)
 
 
 _BLAS_DTYPES = (torch.float32, torch.float64)
@@ -107,8 +112,7 @@ def _l2_norms(tensors: list[Tensor], split: tuple[list[int], list[int] | None]) 
     norms = torch.stack([torch.dot(flat, flat) for flat in flats]).sqrt_()
     if not rest:
         return norms
-    norms = torch.cat([norms, torch.stack(torch._foreach_norm([tensors[k] for k in rest]))])
-    return torch.empty_like(norms).index_copy_(0, torch.tensor(alone + rest), norms)
+    return _in_order(alone, norms, rest, torch.stack(torch._foreach_norm([tensors[k] for k in rest])))
 
 
 def _concat(per_run: list[Tensor]) -> Tensor:
