@@ -47,9 +47,9 @@ METHOD_ARGS = {
 }
 
 
-def manual_run(method, accumulate=1, seed=0):
+def manual_run(method, accumulate=1, seed=0, width=16):
     """The same model and data trained by a plain PyTorch loop that clips with the reference functions."""
-    model = TinyModule(seed=seed)
+    model = TinyModule(seed=seed, width=width)
     optimizer = model.configure_optimizers()
     batches = list(loader())
     for i in range(0, len(batches), accumulate):
@@ -62,12 +62,12 @@ def manual_run(method, accumulate=1, seed=0):
 
 
 @pytest.mark.parametrize("method", list(METHOD_ARGS))
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_trainer_run_matches_plain_loop_with_reference_clipping(method, accumulate):
-    model = TinyModule()
+@pytest.mark.parametrize("accumulate,width", [(1, 16), (2, 16), (1, 96)])  # 96: a tensor taken alone on CPU
+def test_trainer_run_matches_plain_loop_with_reference_clipping(method, accumulate, width):
+    model = TinyModule(width=width)
     clipping = GradientClipping(method, **METHOD_ARGS[method])
     trainer(callbacks=[clipping], accumulate_grad_batches=accumulate).fit(model, loader())
-    reference = manual_run(method, accumulate)
+    reference = manual_run(method, accumulate, width=width)
     for (name, a), b in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
     assert clipping.clippers[next(iter(clipping.clippers))].steps == 4 // accumulate
@@ -391,12 +391,13 @@ def test_host_memory_of_a_long_recorded_run_is_flat():
     assert probe.traced[900] - probe.traced[300] < 128 * 1024, probe.traced
 
 
-def test_spam_in_a_trainer_run_matches_a_plain_loop_applying_the_rule_by_hand():
+@pytest.mark.parametrize("width", [16, 96])  # 96: a tensor clipped alone on CPU
+def test_spam_in_a_trainer_run_matches_a_plain_loop_applying_the_rule_by_hand(width):
     theta, warmup = 2.0, 3
-    model = TinyModule(optimizer="adam", lr=0.01)
+    model = TinyModule(optimizer="adam", lr=0.01, width=width)
     trainer([GradientClipping("spam", theta=theta, warmup_steps=warmup)], max_epochs=3).fit(model, loader())
 
-    reference = TinyModule(optimizer="adam", lr=0.01)
+    reference = TinyModule(optimizer="adam", lr=0.01, width=width)
     optimizer = reference.configure_optimizers()
     clipped = 0
     for step, (x, y) in enumerate([batch for _ in range(3) for batch in loader()], start=1):
