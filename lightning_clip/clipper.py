@@ -338,10 +338,11 @@ class Clipper:
         return self._record(layout, grad_norms, clipped_norms, reported, before)
 
     def _clip_while_measuring(self, layout: Layout, grads: list[Tensor], record: bool) -> Measured | None:
-        """With ``nonfinite="skip"``, on a step that records nothing: clip and measure in one pass where the operator
-        can (``value`` on CUDA), instead of measuring, reading the check, then clipping. The gradients are clipped
-        before the check is read; a step found non-finite is skipped all the same (its gradients set to None), and
-        its tensors are named from the measurement, taken before the clip. ``None``: nothing done."""
+        """With ``nonfinite="skip"``, on a step that records nothing: clip and measure together where the operator
+        can (``value``: in one pass on CUDA, tensor by tensor on CPU), instead of measuring every tensor, reading the
+        check, then clipping every tensor. The gradients are clipped before the check is read; a step found
+        non-finite is skipped all the same (its gradients set to None), and its tensors are named from the
+        measurement, taken before the clip. ``None``: nothing done."""
         if record or self.fused or not self.operator.clips_while_measuring or self.nonfinite != "skip":
             return None
         if self.scaler_checks_nonfinite or self.track_max or self.spikes is not None:

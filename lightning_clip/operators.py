@@ -51,8 +51,8 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
         if not held:
             per_run.append(tensors[0].new_zeros(len(tensors), dtype=dtype))
             continue
-        if norm_type == math.inf and held[0].device.type == "cpu":
-            norms = _max_abs(held).to(dtype)
+        if norm_type == math.inf:
+            norms = _inf_norms(held)
         elif norm_type == 2.0 and held[0].device.type == "cpu" and held[0].dtype in _BLAS_DTYPES:
             norms = _l2_norms(held, _size_split(layout, ("l2", run.start), held))
         else:
@@ -66,6 +66,14 @@ def tensor_norms(layout: Layout, grads: list[Tensor], norm_type: float) -> Tenso
         per_run.append(norms)
     norms = _concat(per_run)
     return norms if layout.reducer is None else layout.reducer.norms(norms, norm_type)
+
+
+def _inf_norms(tensors: list[Tensor]) -> Tensor:
+    """The largest absolute value of each tensor, in at least float32: on CPU see :func:`_max_abs`, on a GPU one
+    foreach kernel."""
+    if tensors[0].device.type == "cpu":
+        return _max_abs(tensors).to(_norm_dtype(tensors[0]) or tensors[0].dtype)
+    return torch.stack(torch._foreach_norm(tensors, math.inf, dtype=_norm_dtype(tensors[0])))
 
 
 #: On CPU, tensors of at most this many elements take the inf-norm in one foreach kernel; larger ones with
@@ -334,7 +342,8 @@ class ValueClip(ClipOperator):
     (only taken when a step logs or checks for NaN/Inf) is the largest absolute value, the inf-norm.
 
     On CUDA one launch of :func:`kernels.clamp_` clamps a run in one pass, where ``clamp_min_`` then ``clamp_max_``
-    read and write every gradient twice; :meth:`clip_measuring` also measures in that pass."""
+    read and write every gradient twice; :meth:`clip_measuring` also measures in that pass. On CPU each large tensor
+    takes one ``clamp_`` (:data:`ONE_AT_A_TIME_NUMEL`)."""
 
     norm_type = math.inf
     measures_always = False
@@ -354,10 +363,14 @@ class ValueClip(ClipOperator):
         alone, rest = _size_split(layout, ("value", run.start), tensors)
         for k in alone:
             tensors[k].clamp_(-limit, limit)
-        together = _pick(tensors, rest)
-        if together:
-            torch._foreach_clamp_min_(together, -limit)
-            torch._foreach_clamp_max_(together, limit)
+        ValueClip._foreach_clamp_(_pick(tensors, rest), limit)
+
+    @staticmethod
+    def _foreach_clamp_(tensors: list[Tensor], limit: float) -> None:
+        """``clip_grad_value_``'s two foreach passes."""
+        if tensors:
+            torch._foreach_clamp_min_(tensors, -limit)
+            torch._foreach_clamp_max_(tensors, limit)
 
     def apply(self, layout, grads, measured, threshold) -> Applied:
         limit = float(threshold)
@@ -369,24 +382,41 @@ class ValueClip(ClipOperator):
         return Applied(changed=None if measured is None else measured.total > limit, scale=None)
 
     def clip_measuring(self, layout: Layout, grads: list[Tensor], threshold: Threshold) -> Measured | None:
-        """Clamp and measure in one pass (the per-tensor inf-norms from before the clamp, NaN counted as Inf), where
-        the kernel applies to every run and nothing is excluded or sharded; ``None`` (nothing done) elsewhere."""
+        """Clamp and measure (the per-tensor inf-norms from before the clamp, NaN counted as Inf) where nothing is
+        excluded or sharded: in one pass where the kernel applies (CUDA), and on CPU tensor by tensor, each large
+        one clamped right after it is measured, while it is still in cache; ``None`` (nothing done) elsewhere."""
         if layout.excluded or layout.reducer is not None:
             return None
         plans = [self._plan(layout, run, grads[run]) for _, run in layout.groups]
-        if None in plans:
+        if any(plan is None and device.type != "cpu" for plan, (device, _) in zip(plans, layout.groups)):
             return None
         limit, per_run = float(threshold), []
         for plan, (_, run) in zip(plans, layout.groups):
             tensors = grads[run]
-            norms = kernels.clamp_(plan, tensors, limit, measure=True)
-            if norms is False:  # a tensor not contiguous this step, or a GPU Triton cannot compile for
-                norms = torch.stack(torch._foreach_norm(tensors, math.inf, dtype=_norm_dtype(tensors[0])))
-                self._clamp_(layout, run, tensors, limit)  # nothing is excluded here: the same tensors as apply's
+            norms = False if plan is None else kernels.clamp_(plan, tensors, limit, measure=True)
+            if norms is False:  # CPU; or a tensor not contiguous this step, or a GPU Triton cannot compile for
+                norms = self._measure_then_clamp_(layout, run, tensors, limit)
             per_run.append(norms)
         norms = _concat(per_run)
         total = total_norm(norms, math.inf)
         return Measured(norms, total, math.inf, total)
+
+    def _measure_then_clamp_(self, layout: Layout, run: slice, tensors: list[Tensor], limit: float) -> Tensor:
+        """Each tensor's largest absolute value, then its clamp: those taken one at a time (large, on CPU) one after
+        the other, the rest together. Nothing is excluded here, so these are the tensors :meth:`apply` clamps."""
+        alone, rest = _size_split(layout, ("value", run.start), tensors)
+        peaks = []
+        for k in alone:
+            low, high = torch.aminmax(tensors[k])
+            peaks.append(torch.maximum(high, -low))
+            tensors[k].clamp_(-limit, limit)
+        together = _pick(tensors, rest)
+        values = _inf_norms(together) if together else None
+        self._foreach_clamp_(together, limit)
+        if not alone:
+            return values
+        measured = torch.stack(peaks).to(_norm_dtype(tensors[0]) or tensors[0].dtype)
+        return measured if not rest else _in_order(alone, measured, rest, values)
 
 
 @dataclass

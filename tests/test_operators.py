@@ -62,8 +62,29 @@ def test_value_clamps_large_tensors_one_at_a_time_as_torch(nonfinite):
     assert clipper.params.layout().size_splits[("value", 0)] == ([0, 2, 6], [1, 3, 4, 5])
     ours[2].grad[0] = float("nan")
     clipper.step()
-    if nonfinite == "skip":
+    if nonfinite == "skip":  # measured tensor by tensor, each large one clamped right after: the NaN is still named
         assert all(p.grad is None for p in ours) and clipper.last_nonfinite == ["layer2.weight"]
+        for p, q in zip(ours, theirs):
+            p.grad = q.grad.clone() * 10
+        ours[0].grad[1, 1], ours[5].grad[2, 2] = -math.inf, math.inf  # a clamp would hide both
+        clipper.step()
+        assert all(p.grad is None for p in ours) and clipper.last_nonfinite == ["layer0.weight", "layer5.weight"]
+
+
+def test_value_measures_on_cpu_while_it_clamps_what_measure_gives_before_the_clamp():
+    """ValueClip.clip_measuring on CPU: the inf-norms of the gradients before the clamp (NaN and Inf included), the
+    same as measure(), and the gradients clamped as clip_grad_value_ clamps them."""
+    shapes = [(100, 100), (7,), (8193,), (600,), (0,), (3, 3), (9000,)]
+    params = make_params(shapes=shapes, seed=24, grad_scale=3.0)
+    params[0].grad[4, 4], params[3].grad[5], params[6].grad[1] = math.inf, math.nan, -math.inf
+    layout, grads = _layout_and_grads(params)
+    expected = ValueClip().measure(layout, grads)
+    clamped = [g.clamp(-0.5, 0.5) for g in grads]
+    measured = ValueClip().clip_measuring(layout, grads, 0.5)
+    torch.testing.assert_close(measured.norms, expected.norms, equal_nan=True, rtol=0, atol=0)
+    assert math.isnan(measured.total) and math.isnan(expected.total)
+    for g, c in zip(grads, clamped):
+        torch.testing.assert_close(g, c, equal_nan=True, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
