@@ -1,7 +1,9 @@
 """Run by test_uneven_shards.py: AGC and the per-tensor methods on DTensor gradients sharded unevenly on dim 0 across
 2 processes (gloo), against the same methods on the full tensors in one process. Small tensors of one global shape
 have different local shapes on the two ranks here, so a rank-dependent grouping of them would pair the wrong norms
-in the collective. Writes the largest difference per method to the file given as the only argument."""
+in the collective. Two tensors hold more than ``operators.ONE_AT_A_TIME_NUMEL`` elements on each rank, so their local
+shards take the CPU paths for large tensors (a dot product for their norms, one ``clamp_`` for ``value``). Writes the
+largest difference per method to the file given as the only argument."""
 
 import os
 import sys
@@ -13,12 +15,15 @@ from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
 from lightning_clip import Clipper, methods
 
-#: Global shapes: on 2 ranks, (3,) splits 2 + 1, (5,) 3 + 2, (3, 4) 2 + 1 rows, (1, 4) 1 + 0.
-SHAPES = [(3, 4), (3,), (5, 4), (3, 4), (5,), (3,), (1, 4), (3, 4), (4,), (7, 2, 2), (7, 2, 2)]
+#: Global shapes: on 2 ranks, (3,) splits 2 + 1, (5,) 3 + 2, (3, 4) 2 + 1 rows, (1, 4) 1 + 0, (141, 130) 71 + 70
+#: rows (9230 and 9100 elements), (20001,) 10001 + 10000.
+SHAPES = [(3, 4), (3,), (5, 4), (3, 4), (5,), (141, 130), (3,), (1, 4), (3, 4), (4,), (7, 2, 2), (20001,), (7, 2, 2)]
 CASES = {
     "agc": {"clip_factor": 0.01, "max_update_ratio": 0.0},
     "tensor_norm": {"max_norm": 0.5},
     "adagc": {"warmup_steps": 1, "lambda_abs": 1.0},
+    "norm": {"max_norm": 0.5},
+    "value": {"clip_value": 20.0},
 }
 
 
