@@ -148,13 +148,12 @@ def _factor_views(layout: Layout, key: Any, factors: Tensor, sizes: list[int] | 
     return slot[1]
 
 
-def _kernel_plan(layout: Layout, key: Any, build: Callable[[], Any]) -> Any:
-    """The plan kept in ``layout`` under ``key`` for one of :mod:`lightning_clip.kernels`' kernels, built on first use
-    (``None``, kept too, where the kernel does not apply)."""
-    plan = layout.kernel_plans.get(key, False)
-    if plan is False:
-        plan = layout.kernel_plans[key] = build()
-    return plan
+def _kept(cache: dict[Any, Any], key: Any, build: Callable[[], Any]) -> Any:
+    """``cache[key]`` (one of a layout's caches), built on first use; a ``None`` is kept too (for a kernel's plan:
+    the kernel does not apply)."""
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 #: On CPU, tensors of more than this many elements are taken one at a time where that is faster than a foreach
@@ -178,9 +177,7 @@ def _split_by_size(tensors: Sequence[Tensor]) -> tuple[list[int], list[int] | No
 
 def _size_split(layout: Layout, key: Any, tensors: Sequence[Tensor]) -> tuple[list[int], list[int] | None]:
     """:func:`_split_by_size` of a run's ``tensors``, made once per layout and kept under ``key``."""
-    if key not in layout.size_splits:
-        layout.size_splits[key] = _split_by_size(tensors)
-    return layout.size_splits[key]
+    return _kept(layout.size_splits, key, lambda: _split_by_size(tensors))
 
 
 def _pick(items: list, positions: list[int] | None) -> list:
@@ -219,7 +216,7 @@ def _scale_each_(
         chosen_units = units if units is None or select is None else list(select(units))
         return kernels.plan(chosen, list(starts), chosen_units)
 
-    plan = _kernel_plan(layout, key, build)
+    plan = _kept(layout.kernel_plans, key, build)
     if plan is not None and kernels.multiply_(plan, chosen, factors.reshape(-1)):
         return
     views = _factor_views(layout, key, factors, units)
@@ -354,7 +351,7 @@ class ValueClip(ClipOperator):
         def build() -> kernels.Plan | None:  # one factor slot per tensor, unused: a clamp has no factors
             return kernels.plan(tensors, list(range(len(tensors))), None)
 
-        return _kernel_plan(layout, ("value", run.start), build)
+        return _kept(layout.kernel_plans, ("value", run.start), build)
 
     @staticmethod
     def _clamp_(layout: Layout, run: slice, tensors: list[Tensor], limit: float) -> None:
@@ -556,7 +553,7 @@ def _unit_norms_in_one_launch(layout: Layout, key: Any, tensors: list[Tensor], g
     sharding (there a rank's rows come from the collective's layout)."""
     if layout.reducer is not None or any(len(part) > 1 for part in group.parts):
         return None
-    plan = _kernel_plan(layout, key, lambda: kernels.norm_plan(tensors, group.units))
+    plan = _kept(layout.kernel_plans, key, lambda: kernels.norm_plan(tensors, group.units))
     if plan is None:
         return None
     column = kernels.unit_norms(plan, tensors)
