@@ -389,6 +389,7 @@ def _build_clipper(
     """The engine for one optimizer: its parameters with the module's names (FSDP1: the root unit's, with the
     layout of its flat shards)."""
     params = optimizer_params(optimizer)
+    _check_dense(pl_module, params, callback.method)
     flat_shards = None
     if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1: the root unit wraps pl_module
         pl_module, flat_shards = trainer.strategy.model, fsdp1_shards(trainer.strategy.model)
@@ -466,6 +467,21 @@ def _check_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, meth
             f"{type(optimizer).__name__} does not keep: use one of {eligible} (fused or foreach variants too), or "
             "another method for this optimizer (optimizers=[...] selects which a callback clips)."
         )
+
+
+def _check_dense(pl_module: pl.LightningModule, params: list[torch.Tensor], method: Method) -> None:
+    """Refuses, before training, a clipped parameter of an ``Embedding``/``EmbeddingBag(sparse=True)``: its
+    gradients are sparse, which no clipping here (nor ``torch.nn.utils.clip_grad_norm_``) takes."""
+    clipped = {id(p) for p in params}
+    for name, module in pl_module.named_modules():
+        if isinstance(module, torch.nn.Embedding | torch.nn.EmbeddingBag) and module.sparse:
+            if id(module.weight) in clipped:
+                raise ClippingConfigError(
+                    f"GradientClipping(method={method.name!r}): {type(module).__name__} {name!r} has sparse=True, "
+                    "so its weight gets sparse gradients, and clipping takes dense gradients only (as "
+                    "torch.nn.utils.clip_grad_norm_ does): use sparse=False, or put the embedding in an optimizer "
+                    "this callback does not clip (optimizers=[...])."
+                )
 
 
 def _check_state(method: Method, state: dict[str, Any]) -> None:

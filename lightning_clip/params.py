@@ -106,6 +106,11 @@ class Layout:
         sizes = []
         for i, p in enumerate(params):
             grad = local(p.grad if p.grad is not None else p)
+            if grad.layout != torch.strided:
+                raise ValueError(
+                    f"parameter {names[i]!r} has a {grad.layout} gradient: clipping takes dense gradients only, as "
+                    "torch.nn.utils.clip_grad_norm_ does (an Embedding(sparse=True) gives sparse ones)"
+                )
             runs.setdefault((grad.device, grad.dtype), []).append(i)
             sizes.append(grad.numel())
         order = [i for members in runs.values() for i in members]

@@ -105,6 +105,52 @@ def test_gradient_clip_val_is_refused_before_training():
         trainer(callbacks=[GradientClipping("norm")], gradient_clip_val=1.0).fit(TinyModule(), loader())
 
 
+class SparseEmbeddingModule(TinyModule):
+    """TinyModule behind an ``Embedding(sparse=True)`` offset, whose weight is trained by its own optimizer
+    (``SparseAdam``) in manual optimization, or by SGD alongside the rest."""
+
+    def __init__(self, embedding_optimizer):
+        super().__init__()
+        self.offset = torch.nn.Embedding(4, 6, sparse=True)
+        self.embedding_optimizer = embedding_optimizer
+        self.automatic_optimization = embedding_optimizer is None
+
+    def forward(self, x):
+        return super().forward(x + self.offset(torch.zeros(len(x), dtype=torch.long)))
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return super().training_step(batch, batch_idx)
+        optimizers = self.optimizers()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        for optimizer in optimizers:
+            optimizer.step()
+
+    def configure_optimizers(self):
+        if self.embedding_optimizer is None:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+        dense = [p for name, p in self.named_parameters() if not name.startswith("offset")]
+        return torch.optim.SGD(dense, lr=0.01), torch.optim.SparseAdam(self.offset.parameters(), lr=0.01)
+
+
+def test_a_sparse_embedding_in_a_clipped_optimizer_is_refused_before_training():
+    clipping = GradientClipping("norm")
+    with pytest.raises(ClippingConfigError, match=r"method='norm'\): Embedding 'offset' has sparse=True"):
+        trainer(callbacks=[clipping]).fit(SparseEmbeddingModule(None), loader())
+    assert not any(clipper.steps for clipper in clipping.clippers.values())
+
+
+def test_a_sparse_embedding_in_an_optimizer_left_unclipped_trains():
+    module = SparseEmbeddingModule("sparse_adam")
+    before = module.offset.weight.detach().clone()
+    clipping = GradientClipping("norm", max_norm=0.5, optimizers=0)
+    trainer(callbacks=[clipping], max_steps=8).fit(module, loader())  # global_step counts both optimizers' steps
+    assert clipping.clippers[0].steps == 4 and 1 not in clipping.clippers
+    assert not torch.equal(module.offset.weight, before)
+
+
 def test_unmatched_exclude_pattern_warns():
     with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['classifier'\] match no parameter"):
         trainer(callbacks=[GradientClipping("agc", exclude=["head", "classifier"])]).fit(TinyModule(), loader())

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lightning_clip.params import ParamSet, clean_name, matches_any, name_params, optimizer_params
@@ -41,3 +42,13 @@ def test_layout_skips_params_without_grad_and_groups_dtypes():
 def test_unmatched_patterns():
     params = ParamSet(["body.weight", "head.weight"], [torch.zeros(1), torch.zeros(1)])
     assert params.unmatched(["head", "tail.*"]) == ["tail.*"]
+
+
+def test_a_sparse_gradient_is_refused_naming_its_parameter():
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    dense = torch.nn.Parameter(torch.zeros(2))
+    embedding(torch.tensor([1, 1, 3])).sum().backward()
+    dense.grad = torch.ones(2)
+    params = ParamSet(["dense", "embedding.weight"], [dense, embedding.weight])
+    with pytest.raises(ValueError, match=r"'embedding.weight' has a torch.sparse_coo gradient"):
+        params.layout()
