@@ -38,11 +38,16 @@ def make_clipping(cfg: DictConfig) -> GradientClipping:
     try:
         return instantiate(cfg.clipping)
     except Exception as error:  # Hydra wraps what the target raised
-        cause = error.__cause__ or error
-        if isinstance(cause, ClippingConfigError):
-            print(f"error in clipping config: {cause}", file=sys.stderr)
-            sys.exit(2)
+        refuse_clipping_config(error.__cause__ or error)
         raise
+
+
+def refuse_clipping_config(error: BaseException) -> None:
+    """End the process with the message of a ``ClippingConfigError`` (a bad value, or a clipping that the trainer
+    or the model cannot take, found before training starts) and no traceback; other errors are left to raise."""
+    if isinstance(error, ClippingConfigError):
+        print(f"error in clipping config: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def make_callbacks(cfg: DictConfig, clipping: GradientClipping, logger) -> list[pl.Callback]:
@@ -105,6 +110,8 @@ def main(cfg: DictConfig) -> float:
         trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
     except NonFiniteGradientError as error:  # a diverged run is an outcome to report, not a crash
         diverged = str(error)
+    except ClippingConfigError as error:  # the callback's checks of the trainer and optimizers (on_fit_start)
+        refuse_clipping_config(error)
     loss = math.nan if diverged else float(trainer.callback_metrics.get("train/loss", torch.tensor(math.nan)))
     if torch.distributed.is_initialized():  # else gloo's threads may abort the process at exit
         torch.distributed.destroy_process_group()

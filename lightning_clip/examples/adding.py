@@ -13,6 +13,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_clip.examples.textlm import make_optimizer
+
 PROBLEMS = ("adding", "multiplication")
 
 
@@ -68,10 +70,17 @@ class AddingDataModule(pl.LightningDataModule):
 class TanhRNN(pl.LightningModule):
     """A single-layer tanh RNN with a linear read-out. ``recurrent_scale`` sets the spectral radius of the
     recurrent weights at initialisation: above 1, gradients through long sequences explode (Pascanu et al. 2013,
-    section 3)."""
+    section 3). ``optimizer``: ``sgd`` with ``momentum``, or ``adamw`` (:func:`~lightning_clip.examples.textlm.
+    make_optimizer`), which ``method="spam"`` needs."""
 
     def __init__(
-        self, hidden: int = 64, lr: float = 0.1, recurrent_scale: float = 1.5, momentum: float = 0.9, seed: int = 0
+        self,
+        hidden: int = 64,
+        lr: float = 0.1,
+        recurrent_scale: float = 1.5,
+        momentum: float = 0.9,
+        seed: int = 0,
+        optimizer: str = "sgd",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -109,4 +118,4 @@ class TanhRNN(pl.LightningModule):
         self.log("val/loss", torch.nn.functional.mse_loss(self(x), y), prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        return make_optimizer(self.parameters(), self.hparams.optimizer, self.hparams.lr, self.hparams.momentum)

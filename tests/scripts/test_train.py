@@ -115,17 +115,32 @@ def test_two_job_sweep_groups_runs_and_compares_them(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("override", "message", "code"),
+    ("overrides", "message", "code"),
     [
-        ("clipping.max_nrom=1", "Key 'max_nrom' not in 'NormClipping'", 1),
-        ("clipping.max_norm=-1", "max_norm=-1.0 is invalid for method='norm': expected a finite number > 0", 2),
+        (["clipping=norm", "clipping.max_nrom=1"], "Key 'max_nrom' not in 'NormClipping'", 1),
+        (
+            ["clipping=norm", "clipping.max_norm=-1"],
+            "error in clipping config: GradientClipping: max_norm=-1.0 is invalid for method='norm': expected a "
+            "finite number > 0",
+            2,
+        ),
+        # refused by the callback's checks at the start of fit: the demo's SGD keeps no second moment
+        (["clipping=spam"], "error in clipping config: GradientClipping(method='spam') reads Adam's second", 2),
     ],
 )
-def test_bad_override_exits_non_zero_with_message_and_no_traceback(tmp_path, override, message, code):
-    result = run([TRAIN, "clipping=norm", override, *FAST], tmp_path)
+def test_bad_override_exits_non_zero_with_message_and_no_traceback(tmp_path, overrides, message, code):
+    result = run([TRAIN, *overrides, *FAST], tmp_path)
     assert result.returncode == code
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))  # nothing trained
+
+
+def test_spam_trains_from_the_app_with_adamw(tmp_path):
+    result = run([TRAIN, "clipping=spam", "model.optimizer=adamw", "model.lr=0.01", "logger=csv", *FAST], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "clipping              spam {'exclude': [], 'theta': 5000.0" in result.stdout
+    assert "final train loss" in result.stdout and "(diverged)" not in result.stdout
 
 
 def test_packaged_clipping_configs_from_a_separate_hydra_app(tmp_path):
