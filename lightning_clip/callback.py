@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -147,7 +148,8 @@ class GradientClipping(Callback):
         self.max_consecutive_skips = _count("max_consecutive_skips", max_consecutive_skips)
         self.spike_window = _count("spike_window", spike_window)
         self.track_max = _checked("track_max", track_max, lambda v: v in (None, True, False), "True, False or None")
-        self.skip_spikes = _checked("skip_spikes", skip_spikes, _positive_or_none, "a finite number > 0, or None")
+        _checked("skip_spikes", skip_spikes, _positive_or_none, "a finite number > 0, or None")
+        self.skip_spikes = None if skip_spikes is None else float(skip_spikes)
         _checked(
             "skip_spikes", skip_spikes, lambda v: v is None or nonfinite == "skip", "None with nonfinite != 'skip'"
         )
@@ -533,8 +535,7 @@ def _checked(name: str, value: Any, ok, allowed: str) -> Any:
 def _count(name: str, value: Any, optional: bool = False) -> Any:
     if optional and value is None:
         return None
-    valid = not isinstance(value, bool) and isinstance(value, int) and value >= 1
-    return _checked(name, value, lambda v: valid, "an integer >= 1")
+    return int(_checked(name, value, methods.is_count, "an integer >= 1"))
 
 
 def _globs(name: str, value: Any) -> tuple[str, ...]:
@@ -545,20 +546,20 @@ def _globs(name: str, value: Any) -> tuple[str, ...]:
 
 
 def _positive_or_none(value: Any) -> bool:
-    return value is None or (not isinstance(value, bool) and isinstance(value, int | float) and 0 < value < math.inf)
+    return value is None or (methods.is_number(value) and 0 < value < math.inf)
 
 
 def _indices(value: Any) -> tuple[int, ...] | None:
     if value is None:
         return None
-    values = [value] if isinstance(value, int) else value
+    values = [value] if isinstance(value, numbers.Integral) else value
     valid = (
         isinstance(values, list | tuple)
         and values
-        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in values)
     )
     _checked("optimizers", value, lambda v: valid, "an optimizer index >= 0 or a non-empty list of them")
-    return tuple(values)
+    return tuple(int(v) for v in values)
 
 
 def _scaler(trainer: pl.Trainer) -> Any:

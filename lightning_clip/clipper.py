@@ -166,10 +166,27 @@ class HostRecord:
         return metrics
 
 
+def _named(params: Any) -> list[tuple[str, Tensor]]:
+    """``(name, tensor)`` pairs from named parameters (pairs or a mapping) or from bare tensors (``param_<i>``)."""
+    if isinstance(params, Tensor):
+        params = [params]
+    items = list(params.items() if isinstance(params, Mapping) else params)
+    pairs = []
+    for i, item in enumerate(items):
+        if isinstance(item, Tensor):
+            item = (f"param_{i}", item)
+        if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor)):
+            raise TypeError(f"Clipper takes (name, parameter) pairs or parameters; item {i} is {type(item).__name__}")
+        pairs.append(item)
+    return pairs
+
+
 class Clipper:
     """Clips the gradients of one optimizer's parameters with a clipping method (``methods.py``), given as the
     ``(name, parameter)`` pairs of those parameters (``model.named_parameters()``, or the optimizer's tensors with
-    their names). ``flat_shards`` describes FSDP1's flat shards (:func:`lightning_clip.sharding.fsdp1_shards`).
+    their names), or the parameters alone as ``clip_grad_norm_`` takes them (a tensor or an iterable of tensors,
+    named ``param_<i>`` in records and errors). ``flat_shards`` describes FSDP1's flat shards
+    (:func:`lightning_clip.sharding.fsdp1_shards`).
 
     A step is non-finite when the measured norm is NaN/Inf: a NaN/Inf element, or gradients so large that their norm
     overflows float32 (stepping with them would make the parameters Inf).
@@ -189,7 +206,7 @@ class Clipper:
     def __init__(
         self,
         method: Method,
-        named_params: Iterable[tuple[str, Tensor]],
+        named_params: Iterable[tuple[str, Tensor]] | Mapping[str, Tensor] | Iterable[Tensor] | Tensor,
         *,
         flat_shards: Mapping[int, FlatShard] | None = None,
         optimizer: torch.optim.Optimizer | None = None,
@@ -207,7 +224,7 @@ class Clipper:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
         if skip_spikes is not None and (nonfinite != "skip" or scaler_checks_nonfinite):
             raise ValueError("skip_spikes needs nonfinite='skip' and no GradScaler (it owns the skip under fp16)")
-        pairs = list(named_params.items() if isinstance(named_params, Mapping) else named_params)
+        pairs = _named(named_params)
         names, params = [name for name, _ in pairs], [p for _, p in pairs]
         self.method, self.names = method, names
         self.policy, self.operator = method.build()

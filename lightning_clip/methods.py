@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -43,8 +44,18 @@ from lightning_clip.thresholds import (
 
 
 # ------------------------------------------------------------------------------------------------- checks
+def is_number(value: Any) -> bool:
+    """A real number that is not a bool: Python's ``int`` and ``float``, and NumPy's scalars (``np.float32``)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def is_count(value: Any) -> bool:
+    """An integer >= 1 that is not a bool (NumPy's integers too)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def _positive(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if not is_number(value) or not math.isfinite(value) or value <= 0:
         raise ValueError("a finite number > 0")
     return float(value)
 
@@ -52,27 +63,27 @@ def _positive(value: Any) -> float:
 def _norm_type(value: Any) -> float:
     if isinstance(value, str) and value.lower() in ("inf", "infinity"):
         return math.inf
-    if isinstance(value, bool) or not isinstance(value, int | float) or not (value >= 1):
+    if not is_number(value) or not (value >= 1):
         raise ValueError("a number >= 1, or 'inf'")
     return float(value)
 
 
 def _fraction(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1:
+    if not is_number(value) or not 0 < value < 1:
         raise ValueError("a number in (0, 1)")
     return float(value)
 
 
 def _percentile(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 100:
+    if not is_number(value) or not 0 < value <= 100:
         raise ValueError("a number in (0, 100]")
     return float(value)
 
 
 def _count(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_count(value):
         raise ValueError("an integer >= 1")
-    return value
+    return int(value)
 
 
 def _flag(value: Any) -> bool:
@@ -82,7 +93,7 @@ def _flag(value: Any) -> bool:
 
 
 def _non_negative(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+    if not is_number(value) or not math.isfinite(value) or value < 0:
         raise ValueError("a finite number >= 0")
     return float(value)
 

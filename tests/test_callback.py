@@ -5,6 +5,7 @@ import warnings
 import weakref
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -250,6 +251,19 @@ def test_bad_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ClippingConfigError, match="GradientClipping: ") as error:
         GradientClipping(**kwargs)
     assert message in str(error.value)
+
+
+def test_numpy_scalars_are_taken_as_python_numbers():
+    clipping = GradientClipping(
+        "norm",
+        max_norm=np.float32(0.5),
+        log_every_n_steps=np.int64(5),
+        skip_spikes=np.float32(6),
+        optimizers=np.int64(0),
+    )
+    assert clipping.method.max_norm == 0.5 and type(clipping.method.max_norm) is float
+    assert (clipping.log_every_n_steps, clipping.skip_spikes, clipping.optimizers) == (5, 6.0, (0,))
+    assert type(clipping.log_every_n_steps) is int and type(clipping.skip_spikes) is float
 
 
 def test_no_warning_noise_in_plain_run():

@@ -191,3 +191,19 @@ def test_a_grad_scaler_needs_a_fused_optimizer():
     with pytest.raises(ValueError, match="fused optimizer under fp16"):
         Clipper(methods.Norm(), named(params), optimizer=torch.optim.SGD(params, lr=0.1), grad_scaler=scaler,
                 scaler_checks_nonfinite=True)  # fmt: skip
+
+
+def test_bare_parameters_clip_as_clip_grad_norm_takes_them():
+    params, reference = make_params(), make_params()
+    torch.nn.utils.clip_grad_norm_(reference, 0.5)
+    clipper = Clipper(methods.Norm(max_norm=0.5), iter(params))  # a generator, as model.parameters() is
+    clipper.step()
+    for p, q in zip(params, reference):
+        assert torch.equal(p.grad, q.grad)
+    assert clipper.names == [f"param_{i}" for i in range(len(params))]
+    single, twin = make_params()[0], make_params()[0]
+    Clipper(methods.Norm(max_norm=0.5), single).step()
+    torch.nn.utils.clip_grad_norm_(twin, 0.5)
+    assert torch.equal(single.grad, twin.grad)
+    with pytest.raises(TypeError, match=r"\(name, parameter\) pairs or parameters; item 1 is str"):
+        Clipper(methods.Norm(), [params[0], "weight"])

@@ -1,6 +1,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 
 from lightning_clip import AGC, Norm, ZClip
@@ -69,6 +70,14 @@ def test_bad_arguments_name_parameter_value_and_allowed(method, given, message):
     with pytest.raises(ValueError) as error:
         from_arguments(method, given)
     assert message in str(error.value)
+
+
+def test_numpy_scalars_are_numbers_and_counts():
+    method = from_arguments("autoclip", {"percentile": np.float32(5), "window": np.int64(50)})
+    assert (method.percentile, method.window) == (5.0, 50)
+    assert type(method.percentile) is float and type(method.window) is int
+    with pytest.raises(ValueError, match=r"window=np.float64\(50.0\) is invalid for method='autoclip'"):
+        from_arguments("autoclip", {"window": np.float64(50)})
 
 
 def test_the_method_objects_check_themselves():
