@@ -232,6 +232,8 @@ class GradientClipping(Callback):
         if self.optimizers is not None and index not in self.optimizers:
             return
         clipper = self._clipper(trainer, pl_module, index, optimizer)
+        if sum(len(group["params"]) for group in optimizer.param_groups) != len(clipper.names):
+            _follow(trainer, pl_module, index, optimizer, clipper)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         recording = (clipper.steps + 1) % every == 0
         records = self._fit.records[index] = self._fit.records.get(index, 0) + recording
@@ -385,19 +387,38 @@ def _report_spike(trainer: pl.Trainer, layer: str | None, spike: SpikeReport) ->
                     spike.ratio)  # fmt: skip
 
 
-def _build_clipper(
-    callback: GradientClipping, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer, stats
-) -> Clipper:
-    """The engine for one optimizer: its parameters with the module's names (FSDP1: the root unit's, with the
-    layout of its flat shards)."""
+def _named_params(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer, method: Method):
+    """The optimizer's parameters with the module's names (FSDP1: the root unit's, with the layout of its flat
+    shards), each checked."""
     params = optimizer_params(optimizer)
-    _check_dense(pl_module, params, callback.method)
+    _check_dense(pl_module, params, method)
     flat_shards = None
     if isinstance(trainer.strategy, FSDPStrategy):  # FSDP1: the root unit wraps pl_module
         pl_module, flat_shards = trainer.strategy.model, fsdp1_shards(trainer.strategy.model)
+    return list(zip(name_params(params, pl_module), params)), flat_shards
+
+
+def _follow(trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer, clipper: Clipper) -> None:
+    """The optimizer's parameters changed during the fit (``add_param_group``, e.g. ``BackboneFinetuning``): the
+    engine takes them on (:meth:`Clipper.follow`)."""
+    added = sum(len(group["params"]) for group in optimizer.param_groups) - len(clipper.names)
+    try:
+        clipper.follow(*_named_params(trainer, pl_module, optimizer, clipper.method))
+    except ValueError as error:
+        raise ClippingConfigError(f"GradientClipping({clipper.method.name!r}), optimizer {index}: {error}") from None
+    if trainer.is_global_zero:
+        log.info("GradientClipping: optimizer %d gained %d parameter(s) at global step %d; clipped from now on",
+                 index, added, trainer.global_step)  # fmt: skip
+
+
+def _build_clipper(
+    callback: GradientClipping, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer, stats
+) -> Clipper:
+    """The engine for one optimizer (:func:`_named_params`)."""
+    named, flat_shards = _named_params(trainer, pl_module, optimizer, callback.method)
     return Clipper(
         callback.method,
-        zip(name_params(params, pl_module), params),
+        named,
         flat_shards=flat_shards,
         optimizer=optimizer,
         nonfinite=callback.nonfinite,

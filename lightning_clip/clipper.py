@@ -530,6 +530,31 @@ class Clipper:
             return None
         return self._record(layout, grad_norms, torch.zeros_like(grad_norms), math.nan, before)
 
+    def follow(
+        self,
+        named_params: Iterable[tuple[str, Tensor]] | Iterable[Tensor],
+        flat_shards: Mapping[int, FlatShard] | None = None,
+    ) -> None:
+        """Take the parameters of an optimizer that gained some after this Clipper was built
+        (``optimizer.add_param_group``, as Lightning's ``BackboneFinetuning`` does when it unfreezes a backbone):
+        they are clipped from the next step on, with the others (the global norm covers them all). The parameters
+        held so far keep their positions, so per-tensor state (AdaGC's thresholds) stays with its tensor, and a new
+        tensor starts as one first seen (AdaGC: from its first norm). Parameters dropped or reordered would move
+        that state onto other tensors: refused."""
+        if self.params is None:
+            raise RuntimeError("this Clipper was released (its fit ended); build a new one for new parameters")
+        pairs = _named(named_params)
+        held = self.params.params
+        if len(pairs) < len(held) or any(p is not q for (_, p), q in zip(pairs, held)):
+            raise ValueError(
+                f"the optimizer's parameters changed from {len(held)} to {len(pairs)} other than by adding "
+                "parameter groups after its own (optimizer.add_param_group): per-tensor clipping state would move "
+                "onto other tensors"
+            )
+        names, params = [name for name, _ in pairs], [p for _, p in pairs]
+        self.names = names
+        self.params = ParamSet(names, params, flat_shards, self.method.exclude)
+
     def release(self) -> None:
         """Drop every reference to the parameters (their layouts and gradients), keeping the counters and the
         policy's state: a callback reused over several fits keeps no model of an earlier fit alive."""

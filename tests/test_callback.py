@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.plugins import FSDPPrecision, MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
@@ -150,6 +151,34 @@ def test_a_sparse_embedding_in_an_optimizer_left_unclipped_trains():
     trainer(callbacks=[clipping], max_steps=8).fit(module, loader())  # global_step counts both optimizers' steps
     assert clipping.clippers[0].steps == 4 and 1 not in clipping.clippers
     assert not torch.equal(module.offset.weight, before)
+
+
+class FinetunedModule(TinyModule):
+    """TinyModule whose ``body`` is the backbone that ``BackboneFinetuning`` keeps frozen for the first epoch, then
+    hands to the optimizer as a new parameter group (``add_param_group``)."""
+
+    @property
+    def backbone(self):
+        return self.body
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+
+@pytest.mark.parametrize("method", ["norm", "value"])
+def test_parameters_added_to_the_optimizer_during_the_fit_are_clipped(method):
+    unclipped, clipped = GradProbe(), GradProbe()
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0)
+    callbacks = [finetuning, unclipped, GradientClipping(method, **METHOD_ARGS[method]), clipped]
+    trainer(callbacks=callbacks, max_epochs=2).fit(FinetunedModule(), loader())
+    assert [len(grads) for grads in unclipped.grads] == [2] * 4 + [6] * 4  # the head, then the body too
+    for step, (before, after) in enumerate(zip(unclipped.grads, clipped.grads)):
+        reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in before]
+        for p, g in zip(reference, before):
+            p.grad = g.clone()
+        reference_clip(method, reference)
+        for p, g in zip(reference, after):
+            torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7, msg=f"step {step}")
 
 
 def test_unmatched_exclude_pattern_warns():

@@ -279,6 +279,35 @@ def test_adagc_keeps_each_tensors_threshold_when_the_layout_changes(second_dtype
     np.testing.assert_allclose(clipper.policy.gamma.double().numpy(), gamma, rtol=1e-5)
 
 
+def test_adagc_keeps_each_tensors_threshold_when_the_optimizer_gains_parameters():
+    """``Clipper.follow``: two tensors join after warmup (``add_param_group``, a backbone unfrozen). The first two
+    keep their thresholds; the new ones are first seen then (unclipped, then their own EMA). Against Algorithm 1 in
+    float64, where the new tensors are absent until they join."""
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(5, 3), (4,), (3, 3), (6,)]
+    params = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+    clipper = Clipper(methods.AdaGC(warmup_steps=4, lambda_abs=2.0), zip("ab", params[:2]), nonfinite="ignore")
+    steps, ours = [], []
+    for t in range(16):
+        if t == 7:
+            clipper.follow(zip("abcd", params))
+        present = 4 if t >= 7 else 2
+        grads = [torch.randn(s, generator=gen) * (30.0 if t in (9, 12) else 1.0) for s in shapes]
+        for p, g in zip(params[:present], grads):
+            p.grad = g.clone()
+        clipper.step()
+        steps.append([float(g.double().norm()) if i < present else None for i, g in enumerate(grads)])
+        ours.append([float(p.grad.double().norm()) if i < present else None for i, p in enumerate(params)])
+    expected, gamma = adagc_reference(steps, 0.98, 1.05, 2.0, 4, "ema")
+    for t, (o, e) in enumerate(zip(ours, expected)):
+        np.testing.assert_allclose([x for x in o if x is not None], [x for x in e if x is not None], rtol=1e-5,
+                                   err_msg=f"step {t}")  # fmt: skip
+    np.testing.assert_allclose(clipper.policy.gamma.double().numpy(), gamma, rtol=1e-5)
+    assert clipper.names == list("abcd")
+    with pytest.raises(ValueError, match=r"changed from 4 to 3 other than by adding parameter groups"):
+        clipper.follow(zip("abd", [params[0], params[1], params[3]]))
+
+
 @pytest.mark.parametrize(
     ("schedule", "expected"),
     [
