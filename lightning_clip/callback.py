@@ -461,6 +461,14 @@ def _legacy_state(states: dict[str, Any], method: Method) -> dict[str, Any] | No
 
 
 def _check_trainer(callback: GradientClipping, trainer: pl.Trainer) -> None:
+    for other in trainer.callbacks:
+        shared = _shared_optimizers(callback, other) if isinstance(other, GradientClipping) else ""
+        if shared and other is not callback:
+            raise ClippingConfigError(
+                f"GradientClipping({callback.method.name!r}) and GradientClipping({other.method.name!r}) both clip "
+                f"{shared}: each step would be clipped twice and their records would overwrite each other. Keep "
+                "one, or give each its own optimizers=[...]."
+            )
     if callback.skip_spikes is not None and _scaler(trainer) is not None:
         raise ClippingConfigError(
             "GradientClipping(skip_spikes=...) cannot run under fp16 with a GradScaler, which owns the decision "
@@ -480,6 +488,14 @@ def _check_trainer(callback: GradientClipping, trainer: pl.Trainer) -> None:
         )
     if isinstance(trainer.strategy, FSDPStrategy):
         _check_fsdp1(callback.method, trainer.strategy)
+
+
+def _shared_optimizers(one: GradientClipping, other: GradientClipping) -> str:
+    """The optimizers two callbacks both clip, in words (empty when none)."""
+    if one.optimizers is None or other.optimizers is None:
+        return "every optimizer"
+    shared = sorted(set(one.optimizers) & set(other.optimizers))
+    return f"optimizers={shared}" if shared else ""
 
 
 def _check_optimizer(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, method: Method) -> None:

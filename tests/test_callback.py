@@ -383,6 +383,21 @@ def test_optimizers_option_lets_two_callbacks_clip_a_gan_differently():
     assert critic_norms[0] == pytest.approx(0.001 * math.sqrt(7), rel=1e-5)  # all 7 elements clamped
 
 
+@pytest.mark.parametrize(
+    ("first", "second", "shared"),
+    [
+        ({}, {"name": "other"}, "every optimizer"),
+        ({"optimizers": [0, 1]}, {"name": "other"}, "every optimizer"),
+        ({"optimizers": [0, 1]}, {"optimizers": 1, "name": "critic"}, r"optimizers=\[1\]"),
+    ],
+)
+def test_two_callbacks_clipping_one_optimizer_are_refused_before_training(first, second, shared):
+    callbacks = [GradientClipping("norm", **first), GradientClipping("norm", **second)]
+    with pytest.raises(ClippingConfigError, match=rf"both clip {shared}: each step would be clipped twice"):
+        trainer(callbacks=callbacks).fit(TwoOptimizerModule(), loader())
+    assert not any(c.clippers for c in callbacks)
+
+
 def test_optimizer_index_out_of_range_is_refused_before_training():
     with pytest.raises(ClippingConfigError, match=r"optimizers=\[2\] is invalid: the module has 2 optimizer"):
         trainer([GradientClipping("norm", optimizers=2)]).fit(TwoOptimizerModule(), loader())
