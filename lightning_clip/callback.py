@@ -461,13 +461,15 @@ def _legacy_state(states: dict[str, Any], method: Method) -> dict[str, Any] | No
 
 
 def _check_trainer(callback: GradientClipping, trainer: pl.Trainer) -> None:
-    for other in trainer.callbacks:
+    later = trainer.callbacks[trainer.callbacks.index(callback) + 1 :] if callback in trainer.callbacks else []
+    for other in later:  # each pair once
         shared = _shared_optimizers(callback, other) if isinstance(other, GradientClipping) else ""
-        if shared and other is not callback:
-            raise ClippingConfigError(
+        if shared:
+            rank_zero_warn(
                 f"GradientClipping({callback.method.name!r}) and GradientClipping({other.method.name!r}) both clip "
-                f"{shared}: each step would be clipped twice and their records would overwrite each other. Keep "
-                "one, or give each its own optimizers=[...]."
+                f"{shared}: each step is clipped by both, in callback order, and both log the same metric names "
+                "(the later one's values replace the earlier's). Unless you mean to stack them, keep one, or give "
+                "each its own optimizers=[...]."
             )
     if callback.skip_spikes is not None and _scaler(trainer) is not None:
         raise ClippingConfigError(
