@@ -69,7 +69,8 @@ class GradientClipping(Callback):
         max_consecutive_skips: with ``skip``, raise after this many skipped steps in a row (spikes included).
         skip_spikes: skip a step whose global gradient norm exceeds the mean of the last ``spike_window`` norms by
             more than this many standard deviations (``spikes.py``; needs ``nonfinite="skip"``; off by default).
-        log_every_n_steps: record every this many optimizer steps (default: the trainer's ``log_every_n_steps``).
+        log_every_n_steps: record every this many optimizer steps (default: the trainer's ``log_every_n_steps``;
+            where that is 0, Lightning logs no step, and nothing is recorded; clipping goes on).
         layer_stats: record per-layer ``grad_norm``, ``param_norm``, ``grad_ratio``, ``grad_nonfinite``; layers
             are owning modules, or ``layer_depth`` components of the module path, or tensors (``per_parameter``),
             filtered by the globs ``layer_include`` / ``layer_exclude``.
@@ -234,8 +235,8 @@ class GradientClipping(Callback):
         clipper = self._clipper(trainer, pl_module, index, optimizer)
         if sum(len(group["params"]) for group in optimizer.param_groups) != len(clipper.names):
             _follow(trainer, pl_module, index, optimizer, clipper)
-        every = self.log_every_n_steps or trainer.log_every_n_steps
-        recording = (clipper.steps + 1) % every == 0
+        every = self.log_every_n_steps or trainer.log_every_n_steps  # the trainer's 0: no step is logged
+        recording = every > 0 and (clipper.steps + 1) % every == 0
         records = self._fit.records[index] = self._fit.records.get(index, 0) + recording
         histogram = recording and self.histogram_every is not None and records % self.histogram_every == 0
         record = clipper.step(record=recording, histogram=histogram)

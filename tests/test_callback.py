@@ -295,6 +295,13 @@ def test_numpy_scalars_are_taken_as_python_numbers():
     assert type(clipping.log_every_n_steps) is int and type(clipping.skip_spikes) is float
 
 
+def test_a_trainer_logging_no_step_clips_and_records_nothing():
+    clipping, probe = GradientClipping("norm", max_norm=0.25), GradProbe()
+    trainer(callbacks=[clipping, probe], log_every_n_steps=0).fit(TinyModule(), loader())
+    assert len(probe.norms) == 4 and max(probe.norms) <= 0.25 * (1 + 1e-5)
+    assert clipping.last_metrics == {} and clipping.clippers[0].steps == 4
+
+
 def test_no_warning_noise_in_plain_run():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
