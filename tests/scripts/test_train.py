@@ -75,6 +75,12 @@ def test_csv_logger_and_report_script(tmp_path):
     result = run([REPORT, output], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in (output / "report").iterdir()) == ["clip_rate.png", "heatmap.png", "norms.png"]
+    for wrong, message in [
+        (output / "checkpoints", "is neither a run directory nor a sweep"),
+        (tmp_path / "nowhere", "not a directory"),
+    ]:
+        result = run([REPORT, wrong], tmp_path)
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
 def test_transformer_on_python_docs_text_trains_from_the_app(tmp_path):
