@@ -215,6 +215,12 @@ class GradientClipping(Callback):
         for index, optimizer in _selected(trainer, self.optimizers, self.method):
             self._clipper(trainer, pl_module, index, optimizer)
         _warn_unmatched(self.method.exclude, self.clippers.values())
+        unmatched, layers = self.grouping.unmatched([name for c in self.clippers.values() for name in c.names])
+        if unmatched and self.layer_stats:
+            rank_zero_warn(
+                f"GradientClipping: layer_include/layer_exclude pattern(s) {unmatched} match no layer; patterns are "
+                f"globs on layer names, which here look like {layers}."
+            )
         wandb_logging.log_config(wandb_logging.wandb_loggers(trainer), self.config())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -30,17 +30,26 @@ class LayerGrouping:
 
     def layer(self, name: str) -> str | None:
         """The layer a parameter belongs to, or None when the layer is filtered out."""
-        if self.per_parameter:
-            layer = name
-        else:
-            layer = owner_name(name) or name
-            if self.depth is not None:
-                layer = ".".join(layer.split(".")[: self.depth])
+        layer = self._unfiltered(name)
         if self.include and not any(fnmatch.fnmatchcase(layer, p) for p in self.include):
             return None
         if any(fnmatch.fnmatchcase(layer, p) for p in self.exclude):
             return None
         return layer
+
+    def _unfiltered(self, name: str) -> str:
+        if self.per_parameter:
+            return name
+        layer = owner_name(name) or name
+        return layer if self.depth is None else ".".join(layer.split(".")[: self.depth])
+
+    def unmatched(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """The ``include`` and the ``exclude`` patterns that match none of the layers of these parameters, and
+        (second) a few of those layers' names, to show what the patterns are matched against."""
+        layers = list(dict.fromkeys(self._unfiltered(name) for name in names))
+        patterns = [*self.include, *self.exclude]
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(layer, p) for layer in layers)]
+        return unmatched, layers[:4]
 
 
 @dataclass

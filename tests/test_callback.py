@@ -186,6 +186,12 @@ def test_unmatched_exclude_pattern_warns():
         trainer(callbacks=[GradientClipping("agc", exclude=["head", "classifier"])]).fit(TinyModule(), loader())
 
 
+def test_layer_patterns_that_match_no_layer_warn_showing_the_layer_names():
+    clipping = GradientClipping("norm", layer_include=["body.*", "head.weight"], layer_exclude="encoder*")
+    with pytest.warns(UserWarning, match=r"\['head.weight', 'encoder\*'\] match no layer.*like \['body.0', 'body.2'"):
+        trainer(callbacks=[clipping]).fit(TinyModule(), loader())
+
+
 def test_skip_leaves_parameters_and_optimizer_state_untouched():
     snapshots = {}
 
