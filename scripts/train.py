@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
@@ -48,6 +48,21 @@ def refuse_clipping_config(error: BaseException) -> None:
     if isinstance(error, ClippingConfigError):
         print(f"error in clipping config: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_model_data(cfg: DictConfig) -> None:
+    """An example model trains on one kind of data (its class's ``datamodule``): another ends the process with a
+    message naming the ``data=`` option that fits, before anything is built. Models without ``datamodule`` pass."""
+    model, data = get_class(cfg.model._target_), get_class(cfg.data._target_)
+    wanted = getattr(model, "datamodule", None)
+    if wanted is None or issubclass(data, wanted):
+        return
+    options = [f"data={path.stem}" for path in sorted(Path(CONF, "data").glob("*.yaml"))
+               if get_class(OmegaConf.load(path)._target_) is wanted]  # fmt: skip
+    fits = " or ".join(options) or wanted.__name__
+    print(f"error: {model.__name__} (model) trains on {wanted.__name__}, not {data.__name__}: use {fits}",
+          file=sys.stderr)  # fmt: skip
+    sys.exit(2)
 
 
 def make_callbacks(cfg: DictConfig, clipping: GradientClipping, logger) -> list[pl.Callback]:
@@ -99,6 +114,7 @@ def make_logger(cfg: DictConfig):
 def main(cfg: DictConfig) -> float:
     torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, verbose=False)
+    check_model_data(cfg)
     clipping = make_clipping(cfg)
     output = Path(HydraConfig.get().runtime.output_dir)
     logger = make_logger(cfg)

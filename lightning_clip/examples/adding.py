@@ -9,6 +9,8 @@ product; a model that solves the task gets far below that.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -72,6 +74,8 @@ class TanhRNN(pl.LightningModule):
     recurrent weights at initialisation: above 1, gradients through long sequences explode (Pascanu et al. 2013,
     section 3). ``optimizer``: ``sgd`` with ``momentum``, or ``adamw`` (:func:`~lightning_clip.examples.textlm.
     make_optimizer`), which ``method="spam"`` needs."""
+
+    datamodule: ClassVar[type[pl.LightningDataModule]] = AddingDataModule  # the data it trains on
 
     def __init__(
         self,

@@ -4,6 +4,8 @@ without clipping."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -55,6 +57,8 @@ def relu_stack(layer, depth: int, features: int, width: int, gain: float) -> tor
 
 class DigitsClassifier(pl.LightningModule):
     """Cross-entropy training and validation accuracy on the digits; subclasses build the network."""
+
+    datamodule: ClassVar[type[pl.LightningDataModule]] = DigitsDataModule  # the data it trains on
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -66,6 +66,8 @@ class ByteLM(pl.LightningModule):
     """Next-byte cross-entropy on :class:`Windows`, with the optimizer its ``hparams`` name; subclasses build the
     network (``forward``: tokens -> logits over 256 bytes)."""
 
+    datamodule: ClassVar[type[pl.LightningDataModule]] = TextDataModule  # the data it trains on
+
     def _loss(self, batch) -> torch.Tensor:
         tokens, targets = batch
         return torch.nn.functional.cross_entropy(self(tokens).flatten(0, 1), targets.flatten())

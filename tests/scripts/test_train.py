@@ -130,6 +130,11 @@ def test_two_job_sweep_groups_runs_and_compares_them(tmp_path):
             "finite number > 0",
             2,
         ),
+        (
+            ["model=transformer"],
+            "error: TinyTransformerLM (model) trains on TextDataModule, not AddingDataModule: use data=text",
+            2,
+        ),  # fmt: skip
         # refused by the callback's checks at the start of fit: the demo's SGD keeps no second moment
         (["clipping=spam"], "error in clipping config: GradientClipping(method='spam') reads Adam's second", 2),
     ],
