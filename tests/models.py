@@ -44,9 +44,10 @@ class TinyModule(pl.LightningModule):
             self.body[2].weight.grad[0, 0] = float("nan")
 
     def configure_optimizers(self):
+        trainable = [p for p in self.parameters() if p.requires_grad]  # all, unless a callback froze some
         if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=self.lr)
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+            return torch.optim.Adam(trainable, lr=self.lr)
+        return torch.optim.SGD(trainable, lr=self.lr, momentum=0.9)
 
 
 class TwoOptimizerModule(pl.LightningModule):

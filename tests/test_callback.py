@@ -161,9 +161,6 @@ class FinetunedModule(TinyModule):
     def backbone(self):
         return self.body
 
-    def configure_optimizers(self):
-        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
-
 
 @pytest.mark.parametrize("method", ["norm", "value"])
 def test_parameters_added_to_the_optimizer_during_the_fit_are_clipped(method):
@@ -179,6 +176,38 @@ def test_parameters_added_to_the_optimizer_during_the_fit_are_clipped(method):
         reference_clip(method, reference)
         for p, g in zip(reference, after):
             torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-7, msg=f"step {step}")
+
+
+class MomentProbe(GradProbe):
+    """A GradProbe that also keeps Adam's second moment of each tensor with a gradient (``None`` before its first
+    step): placed before GradientClipping, what SPAM judges."""
+
+    def __init__(self):
+        super().__init__()
+        self.moments: list[list[torch.Tensor | None]] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.moments.append([optimizer.state[p]["exp_avg_sq"].clone() if p in optimizer.state else None
+                             for p in params])  # fmt: skip
+
+
+def test_spam_clips_parameters_added_during_the_fit_against_their_own_moments():
+    theta = 2.0
+    unclipped, clipped = MomentProbe(), GradProbe()
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, lambda_func=lambda epoch: 1.0)
+    callbacks = [finetuning, unclipped, GradientClipping("spam", theta=theta, warmup_steps=1), clipped]
+    trainer(callbacks=callbacks, max_epochs=3).fit(FinetunedModule(optimizer="adam", lr=0.01), loader())
+    assert [len(grads) for grads in unclipped.grads] == [2] * 4 + [6] * 8
+    spikes = 0
+    for step, (before, moments, after) in enumerate(zip(unclipped.grads, unclipped.moments, clipped.grads)):
+        for k, (g, v, got) in enumerate(zip(before, moments, after)):
+            spike = torch.zeros_like(g, dtype=torch.bool) if v is None else (g**2 > theta * v) & (v > 0)
+            spikes += int(spike.sum()) if k >= 2 and step >= 5 else 0  # the body's, after its first step
+            expected = g if v is None else torch.where(spike, g.sign() * (theta * v).sqrt(), g)
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8, msg=f"step {step}, tensor {k}")
+    assert spikes > 0
 
 
 def test_unmatched_exclude_pattern_warns():
