@@ -343,16 +343,21 @@ class Clipper:
             applied = self.operator.apply(layout, grads, measured, threshold)
         self.policy.observe(layout, measured, applied, finite)
         if applied.changed is not None:
-            self._clipped_steps = self._clipped_steps.to(measured.total.device if measured else "cpu")
-            self._clipped_steps += applied.changed
-            self._judged_steps += 1
+            self._judged(applied.changed, measured.total.device if measured else "cpu")
         if not record:
             return None
         if applied.scale is not None:
             clipped_norms = grad_norms * applied.scale.to(grad_norms)
         else:
             clipped_norms = tensor_norms(layout, grads, 2.0)
+            if applied.changed is None:  # SPAM does not know without a measurement; a record has one per tensor
+                self._judged((clipped_norms < grad_norms).any(), grad_norms.device)
         return self._record(layout, grad_norms, clipped_norms, reported, before)
+
+    def _judged(self, changed: Tensor | bool, device: torch.device | str) -> None:
+        """Count a step on which whether clipping changed a gradient is known (``clip/rate``)."""
+        self._clipped_steps = self._clipped_steps.to(device) + changed
+        self._judged_steps += 1
 
     def _clip_while_measuring(self, layout: Layout, grads: list[Tensor], record: bool) -> Measured | None:
         """With ``nonfinite="skip"``, on a step that records nothing: clip and measure together where the operator

@@ -207,3 +207,26 @@ def test_bare_parameters_clip_as_clip_grad_norm_takes_them():
     assert torch.equal(single.grad, twin.grad)
     with pytest.raises(TypeError, match=r"\(name, parameter\) pairs or parameters; item 1 is str"):
         Clipper(methods.Norm(), [params[0], "weight"])
+
+
+def test_spam_clip_rate_judges_recorded_steps_from_their_norms():
+    """SPAM does not know whether it clipped without a measurement; a recording step has the norms before and after
+    it: a step with a spike counts as clipped, one without does not, and unrecorded steps after warmup are not
+    judged."""
+    params = [torch.nn.Parameter(torch.zeros(4, 3)), torch.nn.Parameter(torch.zeros(3))]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    clipper = Clipper(methods.SPAM(theta=5000.0, warmup_steps=2), named(params), optimizer=optimizer)
+
+    def step(scale, spike=False, record=True):
+        for p in params:
+            p.grad = torch.full_like(p, scale)
+        if spike:
+            params[0].grad[1, 2] = 100.0
+        result = clipper.step(record=record)
+        optimizer.step()
+        return None if result is None else result.read().metrics().get("clip/rate")
+
+    assert step(1.0) == 0.0  # warmup: judged, not clipped
+    assert step(1.0, spike=True, record=False) is None
+    assert step(1.0, spike=True) == 1.0  # only the recorded step is judged
+    assert step(1.0) == 0.0
