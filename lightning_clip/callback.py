@@ -408,14 +408,14 @@ def _named_params(trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer,
 def _follow(trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer, clipper: Clipper) -> None:
     """The optimizer's parameters changed during the fit (``add_param_group``, e.g. ``BackboneFinetuning``): the
     engine takes them on (:meth:`Clipper.follow`)."""
-    added = sum(len(group["params"]) for group in optimizer.param_groups) - len(clipper.names)
+    held = len(clipper.names)
     try:
         clipper.follow(*_named_params(trainer, pl_module, optimizer, clipper.method))
     except ValueError as error:
         raise ClippingConfigError(f"GradientClipping({clipper.method.name!r}), optimizer {index}: {error}") from None
     if trainer.is_global_zero:
         log.info("GradientClipping: optimizer %d gained %d parameter(s) at global step %d; clipped from now on",
-                 index, added, trainer.global_step)  # fmt: skip
+                 index, len(clipper.names) - held, trainer.global_step)  # fmt: skip
 
 
 def _build_clipper(

@@ -224,9 +224,8 @@ class Clipper:
             raise ValueError(f"nonfinite={nonfinite!r} is not one of {NONFINITE_MODES}")
         if skip_spikes is not None and (nonfinite != "skip" or scaler_checks_nonfinite):
             raise ValueError("skip_spikes needs nonfinite='skip' and no GradScaler (it owns the skip under fp16)")
-        pairs = _named(named_params)
-        names, params = [name for name, _ in pairs], [p for _, p in pairs]
-        self.method, self.names = method, names
+        self.method = method
+        self._hold(_named(named_params), flat_shards)
         self.policy, self.operator = method.build()
         measures = isinstance(self.operator, GlobalNormClip) or (
             isinstance(self.operator, NoClip) and nonfinite != "ignore"
@@ -263,7 +262,6 @@ class Clipper:
                     f"method={method.name!r} reads the optimizer's state: pass Clipper(..., optimizer=...)"
                 )
             self.operator.bind(optimizer)
-        self.params: ParamSet | None = ParamSet(names, params, flat_shards, method.exclude)
         self.nonfinite = nonfinite
         self.max_consecutive_skips = max_consecutive_skips
         self.scaler_checks_nonfinite = scaler_checks_nonfinite
@@ -556,9 +554,13 @@ class Clipper:
                 "parameter groups after its own (optimizer.add_param_group): per-tensor clipping state would move "
                 "onto other tensors"
             )
-        names, params = [name for name, _ in pairs], [p for _, p in pairs]
-        self.names = names
-        self.params = ParamSet(names, params, flat_shards, self.method.exclude)
+        self._hold(pairs, flat_shards)
+
+    def _hold(self, pairs: list[tuple[str, Tensor]], flat_shards: Mapping[int, FlatShard] | None) -> None:
+        """Take these ``(name, parameter)`` pairs: their names (kept after :meth:`release`) and their
+        :class:`ParamSet`."""
+        self.names = [name for name, _ in pairs]
+        self.params: ParamSet | None = ParamSet(self.names, [p for _, p in pairs], flat_shards, self.method.exclude)
 
     def release(self) -> None:
         """Drop every reference to the parameters (their layouts and gradients), keeping the counters and the
