@@ -6,6 +6,7 @@
     python scripts/train.py trainer=ddp trainer.devices=2        # 2 processes on CPU (gloo)
     python scripts/train.py logger=csv trainer.precision=bf16-mixed
     python scripts/train.py -m clipping=norm,agc,value seed=0,1,2
+    python scripts/train.py ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt  # resume (same overrides)
     python scripts/train.py --cfg job                            # print the composed config
 
 Configs: conf/ (model, data, trainer, logger, experiment) and the packaged clipping group (lightning_clip/conf).
@@ -65,6 +66,21 @@ def check_model_data(cfg: DictConfig) -> None:
     sys.exit(2)
 
 
+def check_run_options(cfg: DictConfig) -> None:
+    """``seed`` and ``threads`` are integers, and ``ckpt_path`` names a checkpoint that exists (or is Lightning's
+    ``last``, found in this run's ``checkpoints/``): else the process ends with a message, before anything is built."""
+    for key, least in (("seed", 0), ("threads", 1)):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            print(f"error: {key}={value!r} is invalid: expected an integer >= {least}", file=sys.stderr)
+            sys.exit(2)
+    path = cfg.get("ckpt_path")
+    if path is not None and path != "last" and not Path(str(path)).is_file():
+        print(f"error: ckpt_path={path!r} is not a file: give a checkpoint of an earlier run, e.g. "
+              "outputs/<date>/<time>/checkpoints/last.ckpt", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+
 def make_callbacks(cfg: DictConfig, clipping: GradientClipping, logger) -> list[pl.Callback]:
     """The clipping callback, then those of the ``callbacks`` group; a learning-rate monitor needs a logger, and a
     clipping callback there would clip twice, so it is refused."""
@@ -112,6 +128,7 @@ def make_logger(cfg: DictConfig):
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> float:
+    check_run_options(cfg)
     torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, verbose=False)
     check_model_data(cfg)
@@ -123,7 +140,7 @@ def main(cfg: DictConfig) -> float:
     trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger, default_root_dir=str(output))
     diverged = None
     try:
-        trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data))
+        trainer.fit(instantiate(cfg.model), datamodule=instantiate(cfg.data), ckpt_path=cfg.get("ckpt_path"))
     except NonFiniteGradientError as error:  # a diverged run is an outcome to report, not a crash
         diverged = str(error)
     except ClippingConfigError as error:  # the callback's checks of the trainer and optimizers (on_fit_start)

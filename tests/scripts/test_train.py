@@ -1,5 +1,6 @@
 """The Hydra app run as a user runs it: subprocesses, real overrides, W&B offline, outputs read back from disk."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -68,9 +69,12 @@ def test_a_run_never_holds_two_clipping_callbacks(tmp_path):
 
 
 def test_csv_logger_and_report_script(tmp_path):
-    result = run([TRAIN, "logger=csv", "report=false", *FAST], tmp_path)
+    result = run([TRAIN, "logger=csv", "report=false", "trainer.accumulate_grad_batches=2", *FAST], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     output = only(tmp_path.glob("outputs/*/*"))
+    rows = list(csv.DictReader(only(output.glob("**/metrics.csv")).open()))
+    # 20 optimizer steps of 2 batches each: records at optimizer steps 9 and 19
+    assert [int(row["step"]) for row in rows if row.get("grad/norm")] == [9, 19]
     assert not (output / "report").exists() and not (output / "wandb").exists()
     result = run([REPORT, output], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,6 +85,31 @@ def test_csv_logger_and_report_script(tmp_path):
     ]:
         result = run([REPORT, wrong], tmp_path)
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_with_its_clipping_state(tmp_path):
+    """``ckpt_path=``: the resumed run starts at the checkpoint's step, and ZClip's statistics and the callback's step
+    count come back with it (its own checkpoint then holds all 24 steps)."""
+    import torch
+
+    common = ["clipping=zclip", "logger=csv", "report=false", "trainer.log_every_n_steps=4", *FAST[1:]]
+    first = run([TRAIN, *common, "trainer.max_steps=16", "hydra.run.dir=first"], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    result = run([TRAIN, *common, "trainer.max_steps=24", f"ckpt_path={saved}", "hydra.run.dir=second"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in result.stderr + result.stdout
+    rows = list(csv.DictReader(only((tmp_path / "second").glob("**/metrics.csv")).open()))
+    assert [int(row["step"]) for row in rows if row.get("grad/norm")] == [19, 23]
+
+    def clipping_state(path):
+        checkpoint = torch.load(path, weights_only=False)
+        state = checkpoint["callbacks"]["GradientClipping{'method': 'zclip'}"]
+        return checkpoint["global_step"], state["optimizers"][0]
+
+    (step, before), (end, after) = clipping_state(saved), clipping_state(tmp_path / "second/checkpoints/last.ckpt")
+    assert (step, before["steps"], end, after["steps"]) == (16, 16, 24, 24)
+    assert (int(before["policy"]["count"]), int(after["policy"]["count"])) == (16, 24)  # ZClip's warmup: 25 norms
 
 
 def test_transformer_on_python_docs_text_trains_from_the_app(tmp_path):
@@ -137,6 +166,8 @@ def test_two_job_sweep_groups_runs_and_compares_them(tmp_path):
         ),  # fmt: skip
         # refused by the callback's checks at the start of fit: the demo's SGD keeps no second moment
         (["clipping=spam"], "error in clipping config: GradientClipping(method='spam') reads Adam's second", 2),
+        (["seed=abc"], "error: seed='abc' is invalid: expected an integer >= 0", 2),
+        (["ckpt_path=nowhere.ckpt"], "error: ckpt_path='nowhere.ckpt' is not a file: give a checkpoint", 2),
     ],
 )
 def test_bad_override_exits_non_zero_with_message_and_no_traceback(tmp_path, overrides, message, code):
