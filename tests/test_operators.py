@@ -276,17 +276,21 @@ DTYPE_PAIRS = [(torch.float32,) * 2, (torch.bfloat16,) * 2, (torch.bfloat16, tor
 
 
 @pytest.mark.parametrize("dtype,moment_dtype", DTYPE_PAIRS)
-def test_spam_clips_large_tensors_one_at_a_time_as_the_rule_and_the_foreach_list(dtype, moment_dtype, monkeypatch):
-    """On CPU SPAM clips tensors of more than ONE_AT_A_TIME_NUMEL elements one at a time: the same arithmetic, so the
-    same results as the whole list in one foreach call, bit for bit, and SPAM's rule in float64. The sizes straddle
-    the bound; one large tensor is excluded and one has no moment yet."""
+def test_spam_clips_large_tensors_alone_and_small_ones_stacked_as_the_rule_and_the_foreach_list(
+    dtype, moment_dtype, monkeypatch
+):
+    """On CPU SPAM clips tensors of more than ONE_AT_A_TIME_NUMEL elements one at a time, and small tensors that share
+    a shape (at most STACK_MAX_NUMEL elements) on their stack: the same arithmetic, so the same results as the whole
+    list in one foreach call, bit for bit, and SPAM's rule in float64. The sizes straddle both bounds; one large
+    tensor is excluded and one has no moment yet."""
     from lightning_clip import SPAM, Clipper, operators
 
-    shapes = [(120, 80), (7,), (8193,), (8192,), (3, 3), (9000,), (100, 90)]
+    shapes = [(120, 80), (7,), (8193,), (8192,), (3, 3), (9000,), (100, 90), (3, 3), (7,), (4097,), (64, 64), (64, 64)]
     gen = torch.Generator().manual_seed(21)
 
-    def run(bound):
-        monkeypatch.setattr(operators, "ONE_AT_A_TIME_NUMEL", bound)
+    def run(one_at_a_time, stack_max):
+        monkeypatch.setattr(operators, "ONE_AT_A_TIME_NUMEL", one_at_a_time)
+        monkeypatch.setattr(operators, "STACK_MAX_NUMEL", stack_max)
         gen.manual_seed(21)
         params = [torch.nn.Parameter(torch.zeros(s, dtype=dtype)) for s in shapes]
         optimizer = torch.optim.Adam(params)
@@ -297,24 +301,27 @@ def test_spam_clips_large_tensors_one_at_a_time_as_the_rule_and_the_foreach_list
             g = torch.randn(p.shape, generator=gen) * torch.where(torch.rand(p.shape, generator=gen) < 0.2, 10.0, 0.1)
             p.grad = g.to(dtype)
             grads.append(p.grad.clone())
-            if k != 6:  # the last has no moment yet
+            if k != 6:  # this one has no moment yet
                 optimizer.state[p]["exp_avg_sq"] = v
             moments.append(v)
         clipper = Clipper(SPAM(theta=50.0, warmup_steps=1, exclude=["layer5.weight"]), named(params),
                           optimizer=optimizer, nonfinite="ignore")  # fmt: skip
         clipper.step()
-        split = clipper.params.layout().kernel_plans[("spam", 0)].split
-        return [p.grad for p in params], grads, moments, split
+        parts = clipper.params.layout().kernel_plans[("spam", 0)].parts
+        return [p.grad for p in params], grads, moments, parts
 
-    alone, grads, moments, split = run(8192)
-    together, *_, together_split = run(10**9)
-    assert split == ([0, 2], [1, 3, 4]) and together_split == ([], None)  # of the five chosen: (120, 80), (8193,)
+    split, grads, moments, parts = run(8192, 4096)
+    together, *_, together_parts = run(10**9, 0)
+    # of the ten chosen (all but 5 and 6): (120, 80) and (8193,) alone; (7,), (3, 3) and (64, 64) in pairs
+    assert (parts.alone, parts.stacks, parts.rest) == ([0, 2], [[1, 6], [4, 5], [8, 9]], [3, 7])
+    assert (together_parts.alone, together_parts.stacks, together_parts.rest) == ([], [], None)
     tolerance = {torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float64: 1e-12}[dtype]
-    for k, (a, b, g, v) in enumerate(zip(alone, together, grads, moments)):
+    for k, (a, b, g, v) in enumerate(zip(split, together, grads, moments)):
         assert torch.equal(a, b)
         want = g.double() if k in (5, 6) else spam_reference(g, v, 50.0)
         torch.testing.assert_close(a.double(), want, rtol=tolerance, atol=0)
-    assert not torch.equal(alone[0], grads[0]) and torch.equal(alone[5], grads[5])
+    changed = [not torch.equal(a, g) for a, g in zip(split, grads)]
+    assert all(changed[k] for k in (0, 1, 4, 10)) and not changed[5] and not changed[6]
 
 
 def test_spam_reads_the_moments_the_optimizer_holds_now():
@@ -475,28 +482,35 @@ def test_inf_norms_of_small_and_large_tensors_in_any_order_match_torch_with_nan_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_l2_norms_of_large_tensors_are_dot_products_in_place_and_closer_to_float64_than_vector_norm(dtype):
-    """On CPU tensors of more than ONE_AT_A_TIME_NUMEL elements take their L2 norm as a dot product with themselves:
-    every norm comes back in its place (small tensors from the foreach kernel), a non-contiguous large tensor too,
-    NaN and Inf propagate, and over 4M elements the norm is within 1e-5 of float64 (vector_norm's own float32
-    accumulation is off by about 1e-4 there). The parameter norms of a record take the same path."""
+    """On CPU tensors of more than ONE_AT_A_TIME_NUMEL elements take their L2 norm as a dot product with themselves,
+    small ones that share a shape one vector_norm over their stack: every norm comes back in its place (the others
+    from the foreach kernel), non-contiguous tensors too, NaN and Inf propagate, and over 4M elements the norm is
+    within 1e-5 of float64 (vector_norm's own float32 accumulation is off by about 1e-4 there). The parameter norms
+    of a record take the same path."""
     from lightning_clip import operators
 
-    shapes = [(200, 50), (7,), (8193,), (8192,), (0,), (3, 3), (50, 200), (9000,)]
+    shapes = [(200, 50), (7,), (8193,), (8192,), (0,), (3, 3), (50, 200), (9000,), (3, 3), (7,), (4, 5)]
     params = make_params(shapes=shapes, zero_params=(), seed=23, dtype=dtype)
-    params[6].grad = params[6].grad.t().contiguous().t()  # (50, 200) with the strides of its transpose
+    for k in (6, 8):  # with the strides of their transposes
+        params[k].grad = params[k].grad.t().contiguous().t()
     params[7].grad[3] = float("inf")
     params[2].grad[5] = float("nan")
+    params[9].grad[1] = float("nan")
+    params[5].grad[1, 1] = float("-inf")
     layout, grads = _layout_and_grads(params)
-    assert not grads[6].is_contiguous()
+    assert not grads[6].is_contiguous() and not grads[8].is_contiguous()
     norms = GlobalNormClip().measure(layout, grads).norms
-    assert layout.size_splits[("l2", 0)] == ([0, 2, 6, 7], [1, 3, 4, 5])
+    parts = layout.size_splits[("l2", 0)]
+    assert (parts.alone, parts.stacks, parts.rest) == ([0, 2, 6, 7], [[1, 9], [5, 8]], [3, 4, 10])
     expected = torch.stack([torch.linalg.vector_norm(g.double()) for g in grads])
     torch.testing.assert_close(norms.double(), expected, equal_nan=True, rtol=1e-6, atol=0)
     assert norms.dtype == dtype and math.isinf(norms[7]) and math.isnan(norms[2])
+    assert math.isinf(norms[5]) and math.isnan(norms[9]) and norms[4] == 0
 
     big = torch.randn(4_000_000, generator=torch.Generator().manual_seed(0), dtype=dtype) * 3 + 0.5
     exact = big.double().square().sum().sqrt()
-    measured = operators._l2_norms([big], ([0], []))[0]
+    alone = operators._SizeParts([0], [], [])
+    measured = operators._l2_norms([big], alone)[0]
     assert abs(measured.double() - exact) / exact < 1e-5
     huge = torch.full((10_000,), 1e20, dtype=torch.float32)  # the square overflows float32 as vector_norm's does
-    assert math.isinf(operators._l2_norms([huge], ([0], []))[0]) and math.isinf(torch.linalg.vector_norm(huge))
+    assert math.isinf(operators._l2_norms([huge], alone)[0]) and math.isinf(torch.linalg.vector_norm(huge))
