@@ -22,7 +22,7 @@ from lightning_clip.methods import (
     ZClip,
 )
 
-__version__ = "0.7.1"
+__version__ = "0.8.0"
 
 __all__ = [
     "AGC",

@@ -68,7 +68,7 @@ class Layout:
     a device tensor, ``None`` when they are 0..n-1 in order, and the size of the state they index),
     ``factor_slots`` (operators: buffers for per-tensor factors and their views), ``kernel_plans`` (operators: the
     tables of the CUDA kernels, :mod:`lightning_clip.kernels`), ``size_splits`` (operators: on CPU, which tensors of a
-    run are measured or clipped one at a time).
+    run are measured or clipped one at a time, and which as one stack).
 
     ``held`` lists, for each run that has any, the positions within the run of the tensors this rank holds
     elements of: a sharded tensor may have none here (FSDP1 places a parameter in one or two ranks' flat shards; a
@@ -91,7 +91,7 @@ class Layout:
     state_index: tuple[Tensor | None, int] | None = None
     factor_slots: dict[Any, tuple[Tensor, list[Tensor]]] = field(default_factory=dict)
     kernel_plans: dict[Any, Any] = field(default_factory=dict)
-    size_splits: dict[Any, tuple[list[int], list[int] | None]] = field(default_factory=dict)
+    size_splits: dict[Any, Any] = field(default_factory=dict)
 
     @classmethod
     def build(
