@@ -484,11 +484,12 @@ def _check_trainer(callback: GradientClipping, trainer: pl.Trainer) -> None:
             "to skip a step (and would halve its scale on every skip): train in bf16-mixed or fp32, or leave "
             "skip_spikes unset."
         )
-    if trainer.gradient_clip_val:
+    if trainer.gradient_clip_val and not isinstance(callback.method, methods.NoClipping):
         raise ClippingConfigError(
             f"Trainer(gradient_clip_val={trainer.gradient_clip_val}) and GradientClipping would both clip "
             "(double clipping): remove gradient_clip_val from the Trainer and set the limit on "
-            "GradientClipping instead, e.g. GradientClipping(method='norm', max_norm=...)."
+            "GradientClipping instead, e.g. GradientClipping(method='norm', max_norm=...), or keep Lightning's "
+            "clipping and record what it faces with GradientClipping(method='none')."
         )
     if isinstance(trainer.strategy, DeepSpeedStrategy):
         raise ClippingConfigError(

@@ -19,6 +19,7 @@ from lightning_clip.wandb_offline import read_run
 from models import (
     CPUFSDPStrategy,
     GradProbe,
+    NormsPerStep,
     TinyModule,
     TwoOptimizerModule,
     assert_same_finite_norms,
@@ -105,6 +106,26 @@ def test_fp16_with_real_grad_scaler_sees_unscaled_gradients_and_defers_overflow(
 def test_gradient_clip_val_is_refused_before_training():
     with pytest.raises(ClippingConfigError, match=r"gradient_clip_val=1.0.*double clipping"):
         trainer(callbacks=[GradientClipping("norm")], gradient_clip_val=1.0).fit(TinyModule(), loader())
+
+
+def test_method_none_beside_gradient_clip_val_records_what_lightnings_clipping_faces():
+    """``none`` never changes a gradient, so it may sit beside ``Trainer(gradient_clip_val=...)``: it records each
+    step's norm before Lightning clips it, and the optimizer steps with Lightning's clipped gradients."""
+
+    class AfterStep(pl.Callback):  # the gradients the optimizer stepped with (Lightning zeroes them next step)
+        def __init__(self):
+            self.norms = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            grads = [p.grad for p in pl_module.parameters()]
+            self.norms.append(torch.nn.utils.get_total_norm(grads).item())
+
+    clipping, after = GradientClipping("none", log_every_n_steps=1), AfterStep()
+    recorded = NormsPerStep(clipping)
+    trainer(callbacks=[clipping, recorded, after], gradient_clip_val=0.5, max_epochs=2).fit(TinyModule(), loader())
+    assert len(recorded.pre_clip) == len(after.norms) == 8
+    assert all(n > 0.5 for n in recorded.pre_clip)
+    assert all(n == pytest.approx(0.5, rel=1e-5) for n in after.norms)
 
 
 class SparseEmbeddingModule(TinyModule):
