@@ -239,7 +239,9 @@ class GradientClipping(Callback):
         if self.optimizers is not None and index not in self.optimizers:
             return
         clipper = self._clipper(trainer, pl_module, index, optimizer)
-        if sum(len(group["params"]) for group in optimizer.param_groups) != len(clipper.names):
+        if clipper.optimizer is not optimizer:
+            clipper = _replace_optimizer(self, trainer, pl_module, index, optimizer, clipper)
+        elif sum(len(group["params"]) for group in optimizer.param_groups) != len(clipper.names):
             _follow(trainer, pl_module, index, optimizer, clipper)
         every = self.log_every_n_steps or trainer.log_every_n_steps  # the trainer's 0: no step is logged
         recording = every > 0 and (clipper.steps + 1) % every == 0
@@ -416,6 +418,31 @@ def _follow(trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, opti
     if trainer.is_global_zero:
         log.info("GradientClipping: optimizer %d gained %d parameter(s) at global step %d; clipped from now on",
                  index, len(clipper.names) - held, trainer.global_step)  # fmt: skip
+
+
+def _replace_optimizer(
+    callback: GradientClipping, trainer: pl.Trainer, pl_module: pl.LightningModule, index: int, optimizer, old: Clipper
+) -> Clipper:
+    """The trainer's optimizer at ``index`` was replaced during the fit (``trainer.optimizers = [...]``, e.g. a switch
+    from Adam to SGD). The engine built for the old one would read its learning rate and state, and on the fused path
+    hand it the clip coefficient, clipping nothing: a new engine takes the new optimizer. Over the same parameters
+    it carries the old one's state as a checkpoint does (step and skip counts, adaptive thresholds, the spike window);
+    over others that state would describe other gradients, so it starts afresh, with a warning."""
+    _check_optimizer(trainer, optimizer, callback.method)
+    old.flush()
+    new = _build_clipper(callback, trainer, pl_module, optimizer, old.stats)
+    before, after = old.params.params, new.params.params
+    if len(before) == len(after) and all(p is q for p, q in zip(before, after)):
+        new.load_state_dict(old.state_dict())
+    else:
+        rank_zero_warn(f"GradientClipping({callback.method.name!r}): optimizer {index} was replaced by one over other "
+                       "parameters; its clipping state (step counts, adaptive thresholds) starts afresh")  # fmt: skip
+    old.release()
+    callback.clippers[index] = new
+    if trainer.is_global_zero:
+        log.info("GradientClipping: optimizer %d was replaced at global step %d (now %s); clipped from now on",
+                 index, trainer.global_step, type(optimizer).__name__)  # fmt: skip
+    return new
 
 
 def _build_clipper(

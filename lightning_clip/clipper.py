@@ -282,6 +282,11 @@ class Clipper:
         self._judged_steps = 0
 
     @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer this Clipper was built for (its learning rate, its state, the fused path)."""
+        return self._optimizer
+
+    @property
     def skipped_this_step(self) -> bool:
         """Whether the last step was skipped (its gradients set to None)."""
         return self.last_nonfinite is not None or self.last_spike is not None

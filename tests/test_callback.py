@@ -231,6 +231,63 @@ def test_spam_clips_parameters_added_during_the_fit_against_their_own_moments():
     assert spikes > 0
 
 
+class ReplaceOptimizer(pl.Callback):
+    """Replaces the trainer's optimizer at the start of epoch 1, as a user switching optimizers mid-fit does."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            trainer.optimizers = [self.make(pl_module)]
+
+
+class SteppedNorms(pl.Callback):
+    """The global norm of the gradients each optimizer step used (read after the step, which on the fused path
+    writes the clipped gradients back)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.norms.append(torch.nn.utils.get_total_norm([p.grad for p in pl_module.parameters()]).item())
+
+
+OPTIMIZERS = {
+    "fused AdamW": lambda module: torch.optim.AdamW(module.parameters(), lr=0.01, fused=True),
+    "SGD": lambda module: torch.optim.SGD(module.parameters(), lr=0.01),
+}
+
+
+class FusedModule(TinyModule):
+    def configure_optimizers(self):
+        return OPTIMIZERS[self.optimizer_name](self)
+
+
+@pytest.mark.parametrize(("first", "second"), [("fused AdamW", "SGD"), ("SGD", "fused AdamW")])
+def test_an_optimizer_replaced_during_the_fit_is_clipped_from_its_first_step(first, second):
+    """``trainer.optimizers = [...]`` mid-fit: the engine built for the old optimizer handed the fused path's
+    coefficient to it, so the new one stepped unclipped (norms of 50 to 73 against max_norm=0.5)."""
+    clipping, stepped = GradientClipping("norm", max_norm=0.5), SteppedNorms()
+    callbacks = [ReplaceOptimizer(OPTIMIZERS[second]), clipping, stepped]
+    trainer(callbacks=callbacks, max_epochs=2).fit(FusedModule(optimizer=first), loader())
+    assert len(stepped.norms) == 8 and all(n == pytest.approx(0.5, rel=1e-5) for n in stepped.norms)
+
+
+def test_a_replacement_over_the_same_parameters_carries_the_clipping_state_and_other_parameters_start_afresh():
+    same = GradientClipping("zclip")
+    replace = ReplaceOptimizer(OPTIMIZERS["SGD"])
+    trainer(callbacks=[replace, same], max_epochs=2).fit(TinyModule(), loader())
+    assert same.clippers[0].steps == 8 and int(same.state_dict()["optimizers"][0]["policy"]["count"]) == 8
+
+    other = GradientClipping("adagc")  # per-tensor thresholds: on other tensors they would be another tensor's
+    replace = ReplaceOptimizer(lambda module: torch.optim.SGD(module.head.parameters(), lr=0.01))
+    with pytest.warns(UserWarning, match=r"optimizer 0 was replaced by one over other parameters; .* starts afresh"):
+        trainer(callbacks=[replace, other], max_epochs=2).fit(TinyModule(), loader())
+    assert other.clippers[0].steps == 4 and other.clippers[0].names == ["head.weight", "head.bias"]
+    assert other.state_dict()["optimizers"][0]["policy"]["gamma"].shape == (2,)
+
+
 def test_unmatched_exclude_pattern_warns():
     with pytest.warns(UserWarning, match=r"exclude pattern\(s\) \['classifier'\] match no parameter"):
         trainer(callbacks=[GradientClipping("agc", exclude=["head", "classifier"])]).fit(TinyModule(), loader())
