@@ -190,6 +190,11 @@ class GradientClipping(Callback):
         return self._fit.clippers
 
     @property
+    def recorded_steps(self) -> int:
+        """Steps recorded in the current (or last) fit, over all optimizers."""
+        return sum(self._fit.records.values())
+
+    @property
     def skipped_steps(self) -> int:
         """Optimizer steps this callback skipped for NaN/Inf gradients, over all optimizers."""
         return sum(clipper.skipped_steps for clipper in self.clippers.values())

@@ -162,8 +162,11 @@ def main(cfg: DictConfig) -> float:
     print(f"final train loss      {loss:.4g}{'' if math.isfinite(loss) else '  (diverged)'}")
     if diverged:
         print(f"stopped at step {trainer.global_step}: {diverged}")
-    print(f"clip rate             {rate:.2f} of optimizer steps clipped (recorded steps)")
-    print(f"largest pre-clip norm {clipping.largest_grad_norm:.4g}")
+    if clipping.recorded_steps:
+        print(f"clip rate             {rate:.2f} of optimizer steps clipped (recorded steps)")
+        print(f"largest pre-clip norm {clipping.largest_grad_norm:.4g}")
+    else:
+        print("clip rate             n/a: no step was recorded (trainer.log_every_n_steps)")
     print(f"skipped steps         {clipping.skipped_steps} (NaN/Inf gradients)")
     print(f"output directory      {output}")
     if plots:

@@ -412,7 +412,9 @@ def test_a_trainer_logging_no_step_clips_and_records_nothing():
     clipping, probe = GradientClipping("norm", max_norm=0.25), GradProbe()
     trainer(callbacks=[clipping, probe], log_every_n_steps=0).fit(TinyModule(), loader())
     assert len(probe.norms) == 4 and max(probe.norms) <= 0.25 * (1 + 1e-5)
-    assert clipping.last_metrics == {} and clipping.clippers[0].steps == 4
+    assert clipping.last_metrics == {} and clipping.clippers[0].steps == 4 and clipping.recorded_steps == 0
+    trainer(callbacks=[clipping], log_every_n_steps=2, max_epochs=2).fit(TinyModule(), loader())
+    assert clipping.recorded_steps == 4  # a new fit counts its own
 
 
 def test_no_warning_noise_in_plain_run():
