@@ -67,17 +67,19 @@ def check_model_data(cfg: DictConfig) -> None:
 
 
 def check_run_options(cfg: DictConfig) -> None:
-    """``seed`` and ``threads`` are integers, and ``ckpt_path`` names a checkpoint that exists (or is Lightning's
-    ``last``, found in this run's ``checkpoints/``): else the process ends with a message, before anything is built."""
+    """``seed`` and ``threads`` are integers, and ``ckpt_path`` names a checkpoint that exists (a file, or a directory
+    as FSDP2 writes one; or Lightning's ``last``, found in this run's ``checkpoints/``): else the process ends with a
+    message, before anything is built."""
     for key, least in (("seed", 0), ("threads", 1)):
         value = cfg.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             print(f"error: {key}={value!r} is invalid: expected an integer >= {least}", file=sys.stderr)
             sys.exit(2)
     path = cfg.get("ckpt_path")
-    if path is not None and path != "last" and not Path(str(path)).is_file():
-        print(f"error: ckpt_path={path!r} is not a file: give a checkpoint of an earlier run, e.g. "
-              "outputs/<date>/<time>/checkpoints/last.ckpt", file=sys.stderr)  # fmt: skip
+    if path is not None and path != "last" and not Path(str(path)).exists():
+        example = "outputs/<date>/<time>/checkpoints/last.ckpt (a directory under trainer=fsdp2)"
+        print(f"error: ckpt_path={path!r} does not exist: give a checkpoint of an earlier run, e.g. {example}",
+              file=sys.stderr)  # fmt: skip
         sys.exit(2)
 
 

@@ -87,23 +87,27 @@ def test_csv_logger_and_report_script(tmp_path):
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_stopped_run_resumes_from_its_checkpoint_with_its_clipping_state(tmp_path):
+@pytest.mark.parametrize("strategy", ["cpu", pytest.param("fsdp2", marks=pytest.mark.distributed)])
+def test_a_stopped_run_resumes_from_its_checkpoint_with_its_clipping_state(tmp_path, strategy):
     """``ckpt_path=``: the resumed run starts at the checkpoint's step, and ZClip's statistics and the callback's step
-    count come back with it (its own checkpoint then holds all 24 steps)."""
+    count come back with it (its own checkpoint then holds all 24 steps). Under FSDP2 a checkpoint is a directory,
+    with the callbacks' state in its ``meta.pt``."""
     import torch
 
-    common = ["clipping=zclip", "logger=csv", "report=false", "trainer.log_every_n_steps=4", *FAST[1:]]
-    first = run([TRAIN, *common, "trainer.max_steps=16", "hydra.run.dir=first"], tmp_path)
+    common = ["clipping=zclip", "logger=csv", "report=false", "trainer.log_every_n_steps=4", f"trainer={strategy}"]
+    common += FAST[1:]
+    first = run([TRAIN, *common, "trainer.max_steps=16", "hydra.run.dir=first"], tmp_path, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     saved = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    result = run([TRAIN, *common, "trainer.max_steps=24", f"ckpt_path={saved}", "hydra.run.dir=second"], tmp_path)
+    second = [TRAIN, *common, "trainer.max_steps=24", f"ckpt_path={saved}", "hydra.run.dir=second"]
+    result = run(second, tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Restored all states from the checkpoint" in result.stderr + result.stdout
     rows = list(csv.DictReader(only((tmp_path / "second").glob("**/metrics.csv")).open()))
     assert [int(row["step"]) for row in rows if row.get("grad/norm")] == [19, 23]
 
     def clipping_state(path):
-        checkpoint = torch.load(path, weights_only=False)
+        checkpoint = torch.load(path / "meta.pt" if path.is_dir() else path, weights_only=False)
         state = checkpoint["callbacks"]["GradientClipping{'method': 'zclip'}"]
         return checkpoint["global_step"], state["optimizers"][0]
 
@@ -167,7 +171,7 @@ def test_two_job_sweep_groups_runs_and_compares_them(tmp_path):
         # refused by the callback's checks at the start of fit: the demo's SGD keeps no second moment
         (["clipping=spam"], "error in clipping config: GradientClipping(method='spam') reads Adam's second", 2),
         (["seed=abc"], "error: seed='abc' is invalid: expected an integer >= 0", 2),
-        (["ckpt_path=nowhere.ckpt"], "error: ckpt_path='nowhere.ckpt' is not a file: give a checkpoint", 2),
+        (["ckpt_path=nowhere.ckpt"], "error: ckpt_path='nowhere.ckpt' does not exist: give a checkpoint", 2),
     ],
 )
 def test_bad_override_exits_non_zero_with_message_and_no_traceback(tmp_path, overrides, message, code):
