@@ -74,9 +74,10 @@ def test_value_clamps_large_tensors_one_at_a_time_as_torch(nonfinite):
 def test_value_measures_on_cpu_while_it_clamps_what_measure_gives_before_the_clamp():
     """ValueClip.clip_measuring on CPU: the inf-norms of the gradients before the clamp (NaN and Inf included), the
     same as measure(), and the gradients clamped as clip_grad_value_ clamps them."""
-    shapes = [(100, 100), (7,), (8193,), (600,), (0,), (3, 3), (9000,)]
+    shapes = [(100, 100), (7,), (8193,), (600,), (0,), (3, 3), (9000,), (600,), (3, 3)]
     params = make_params(shapes=shapes, seed=24, grad_scale=3.0)
     params[0].grad[4, 4], params[3].grad[5], params[6].grad[1] = math.inf, math.nan, -math.inf
+    params[8].grad[1, 1] = -math.inf  # in a stack with (3, 3) number 5
     layout, grads = _layout_and_grads(params)
     expected = ValueClip().measure(layout, grads)
     clamped = [g.clamp(-0.5, 0.5) for g in grads]
@@ -85,6 +86,8 @@ def test_value_measures_on_cpu_while_it_clamps_what_measure_gives_before_the_cla
     assert math.isnan(measured.total) and math.isnan(expected.total)
     for g, c in zip(grads, clamped):
         torch.testing.assert_close(g, c, equal_nan=True, rtol=0, atol=0)
+    assert layout.size_splits[("value measured", 0)].stacks == [[1, 4], [3, 5]]  # of the six small ones
+    assert math.isinf(measured.norms[8]) and math.isnan(measured.norms[3])
 
 
 @pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
@@ -467,15 +470,19 @@ def test_tensor_norm_factors_are_right_at_every_step_with_the_buffers_reused():
 
 
 def test_inf_norms_of_small_and_large_tensors_in_any_order_match_torch_with_nan_and_inf():
-    """On CPU the inf-norm takes small tensors in one foreach kernel and large ones with aminmax; every tensor's
-    norm comes back in its place, NaN and Inf included, empty tensors as 0."""
-    shapes = [(3000,), (4, 4), (0,), (40, 40), (7,), (512,), (513,), (2, 3)]
+    """On CPU the inf-norm takes small tensors that share a shape in one amax over their stack, other small tensors in
+    one foreach kernel and large ones with aminmax; every tensor's norm comes back in its place, NaN and Inf included
+    (in a stack too), empty tensors as 0."""
+    shapes = [(3000,), (4, 4), (0,), (40, 40), (7,), (512,), (513,), (2, 3), (4, 4), (40, 40), (0,), (9,)]
     params = make_params(shapes=shapes, zero_params=(), seed=13)
     params[1].grad[2, 2] = float("nan")
     params[3].grad[5, 5] = float("-inf")
     params[6].grad[0] = float("nan")
+    params[8].grad = params[8].grad.t().contiguous().t()
+    params[9].grad[0, 0] = float("inf")
     layout, grads = _layout_and_grads(params)
     norms = ValueClip().measure(layout, grads).norms
+    assert layout.size_splits[("l2", 0)].stacks == [[1, 8], [3, 9]]
     expected = [torch.linalg.vector_norm(g, math.inf) if g.numel() else torch.tensor(0.0) for g in grads]
     torch.testing.assert_close(norms, torch.stack(expected), equal_nan=True, rtol=0, atol=0)
 
