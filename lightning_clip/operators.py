@@ -818,7 +818,8 @@ class UnitwiseClip(ClipOperator):
                 limits = param_norms.clamp_min(self.eps).mul_(threshold)
                 scales = limits.div_(grad_norms.clamp_min(NORM_EPS)).clamp_max_(1.0)
                 _scale_each_(layout, ("unit", run.start, column), tensors, scales, units)
-                smallest.append(scales.min())
+                if scales.numel():  # tensors with no rows (here, or in this rank's shard) have no units
+                    smallest.append(scales.min())
         if not smallest:
             return Applied(changed=False, scale=None)
         device = smallest[0].device

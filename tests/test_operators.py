@@ -242,6 +242,21 @@ def test_empty_tensors_measure_zero(norm_type):
     assert params[0].grad.numel() == 0
 
 
+@pytest.mark.parametrize("other_dtype", [torch.float32, torch.bfloat16])
+def test_agc_takes_tensors_without_rows(other_dtype):
+    """A weight with no rows has no units: alone in its group (its shape's rank, or its dtype) it is left as it is,
+    and the others clip as the paper's formula says (until 0.8.1, an empty group raised from ``min()``; under FSDP2 a
+    rank whose shard of every such weight is empty would have raised alone)."""
+    params = make_params(shapes=[(0, 5), (0, 5, 2), (0,), (3, 4)], zero_params=(), grad_scale=10.0)
+    params[3].data, params[3].grad = params[3].data.to(other_dtype), params[3].grad.to(other_dtype)
+    expected = agc_reference(params, clip_factor=0.01, eps=1e-3)
+    record = Clipper(AGC(max_update_ratio=0.0), named(params), nonfinite="skip").step(record=True).read()
+    rtol = 1e-2 if other_dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(params[3].grad.double(), expected[3], rtol=rtol, atol=0)
+    assert [p.grad.shape for p in params[:3]] == [(0, 5), (0, 5, 2), (0,)]
+    assert record.metrics()["clip/rate"] == 1.0
+
+
 def spam_reference(grad, v, theta):
     """SPAM's rule (Huang et al. 2025, Algorithm 1, spike-aware clipping) in float64: elements with g^2 > theta * v
     become sign(g) * sqrt(theta * v); those with v == 0 stay as they are."""
