@@ -820,6 +820,8 @@ class UnitwiseClip(ClipOperator):
                 _scale_each_(layout, ("unit", run.start, column), tensors, scales, units)
                 if scales.numel():  # tensors with no rows (here, or in this rank's shard) have no units
                     smallest.append(scales.min())
+        if layout.reducer is not None:  # these are this rank's units: judged from the record's per-tensor norms
+            return Applied(changed=None, scale=None)
         if not smallest:
             return Applied(changed=False, scale=None)
         device = smallest[0].device

@@ -1,5 +1,5 @@
 """Clipping of unevenly sharded DTensor gradients, small and large (2 processes, gloo), equals the single-process
-result."""
+result, and so do the clip rates both ranks record."""
 
 import os
 import socket
@@ -26,7 +26,11 @@ def test_unevenly_sharded_small_and_large_tensors_clip_as_in_one_process(tmp_pat
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    differences = torch.load(out)
+    results = torch.load(out)
+    differences, rates = results["differences"], results["rates"]
     assert set(differences) == {"agc", "tensor_norm", "adagc", "norm", "value"}
     for method, difference in differences.items():
         assert difference < 1e-5, (method, difference)
+    for method, rate in rates.items():
+        assert rate["ranks"] == [rate["one process"]] * 2, (method, rate)
+    assert rates["agc"]["one process"][-1] > 0  # the last step's one large row on rank 1 is clipped
