@@ -166,6 +166,11 @@ class HostRecord:
         return metrics
 
 
+def _listed(names: list[str]) -> str:
+    """The first ten names, and how many more."""
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
 def _named(params: Any) -> list[tuple[str, Tensor]]:
     """``(name, tensor)`` pairs from named parameters (pairs or a mapping) or from bare tensors (``param_<i>``)."""
     if isinstance(params, Tensor):
@@ -493,12 +498,24 @@ class Clipper:
     def _nonfinite_step(
         self, layout: Layout, grads: list[Tensor], measured: Measured, record: bool
     ) -> StepRecord | None:
-        flags = (~torch.isfinite(measured.norms)).tolist()  # per full tensor, after the collective: one read
-        bad = [name for name, flag in zip(layout.names, flags) if flag]
+        """Name the tensors whose gradients, and those whose parameters, hold NaN/Inf (per full tensor, after the
+        collective; one read, on this step only), then raise or skip. Non-finite parameters end training at once:
+        every later gradient is non-finite too, so skipping steps would only wait for ``max_consecutive_skips``."""
+        param_norms = tensor_norms(layout, layout.local_params(), 2.0).to(measured.norms)
+        flags = (~torch.isfinite(torch.stack([measured.norms, param_norms]))).tolist()
+        bad, broken = ([name for name, flag in zip(layout.names, row) if flag] for row in flags)
         if bad:
-            listed = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            listed = _listed(bad)
         else:
             listed = "no single tensor (every tensor's norm is finite; their global norm overflowed float32)"
+        if broken:
+            raise NonFiniteGradientError(
+                f"non-finite parameters (NaN/Inf) at optimizer step {self.steps}: {_listed(broken)}. The step's "
+                "gradients are non-finite, and skipping steps cannot mend a parameter, so training stops here. "
+                "Parameters are written by optimizer steps (or loaded from a checkpoint): an optimizer that overflows "
+                "on finite gradients does this, e.g. Adam's eps=1e-8, which is 0 in float16 (precision='16-true'): "
+                "use 'bf16-mixed' or '16-mixed', or a larger eps."
+            )
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradients (a NaN/Inf element, or a norm beyond float32) at optimizer step {self.steps} "

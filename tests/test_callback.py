@@ -331,6 +331,20 @@ def test_raise_names_the_layer():
         trainer(callbacks=[GradientClipping("norm", nonfinite="raise")]).fit(TinyModule(nan_at_step=1), loader())
 
 
+def test_parameters_an_optimizer_turned_nan_stop_the_fit_at_once_naming_them():
+    """``precision="16-true"`` with Adam: its eps (1e-8) is 0 in float16, so where the second moment underflows the
+    first step divides 0 by 0 and writes NaN into finite parameters from finite gradients. The next step's gradients
+    are NaN; skipping them cannot mend the parameters, so the fit stops there, naming them and the likely cause,
+    instead of skipping ``max_consecutive_skips`` steps and blaming the learning rate or the data."""
+    model = TinyModule(optimizer="adam", lr=1e-3)
+    clipping = GradientClipping("norm")
+    with pytest.raises(
+        NonFiniteGradientError, match=r"parameters \(NaN/Inf\) at optimizer step 2: body\.0\.weight.*eps"
+    ):
+        trainer(callbacks=[clipping], precision="16-true").fit(model, loader())
+    assert clipping.skipped_steps == 0
+
+
 def test_two_optimizers_in_manual_optimization_each_clip_their_own():
     clipping = GradientClipping("norm", max_norm=0.1, log_every_n_steps=1)
     probe = GradProbe()

@@ -1,3 +1,4 @@
+import contextlib
 import math
 
 import pytest
@@ -71,6 +72,32 @@ def test_raise_names_the_tensors():
         clipper.step()
     for p, g in zip(params, before):  # nothing was changed
         torch.testing.assert_close(p.grad, g, equal_nan=True)
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "raise"])
+def test_nonfinite_parameters_stop_at_once_and_are_named(nonfinite):
+    """Gradients are non-finite because a parameter is (an optimizer step wrote it): no skip can mend that, so the
+    first such step raises, naming the parameter, where skipping would have waited for ``max_consecutive_skips``.
+    It reads the device as often as a non-finite step of finite parameters, which is skipped (or raises) as before."""
+    params = make_params(seed=4)
+    clipper = clipper_for("norm", params, nonfinite)
+
+    def nan_gradients():
+        for p in params:
+            p.grad = torch.full_like(p, math.nan)
+
+    nan_gradients()
+    with HostReads() as finite_params, contextlib.suppress(NonFiniteGradientError):
+        clipper.step()
+    assert clipper.skipped_steps == (1 if nonfinite == "skip" else 0)
+    params[2].data[0] = math.nan
+    nan_gradients()
+    with (
+        HostReads() as reads,
+        pytest.raises(NonFiniteGradientError, match=r"\(NaN/Inf\) at optimizer step 2: layer2\.weight\. "),
+    ):
+        clipper.step()
+    assert reads.count == finite_params.count
 
 
 def test_consecutive_skips_raise_after_limit_and_reset_on_finite_step():

@@ -1,5 +1,5 @@
 """Clipping of unevenly sharded DTensor gradients, small and large (2 processes, gloo), equals the single-process
-result, and so do the clip rates both ranks record."""
+result, and so do the clip rates both ranks record; a NaN in one rank's shard of a parameter stops both ranks alike."""
 
 import os
 import socket
@@ -34,3 +34,5 @@ def test_unevenly_sharded_small_and_large_tensors_clip_as_in_one_process(tmp_pat
     for method, rate in rates.items():
         assert rate["ranks"] == [rate["one process"]] * 2, (method, rate)
     assert rates["agc"]["one process"][-1] > 0  # the last step's one large row on rank 1 is clipped
+    first, second = results["nonfinite parameter"]
+    assert first == second and first.startswith("non-finite parameters (NaN/Inf) at optimizer step 1: layer5.weight. ")

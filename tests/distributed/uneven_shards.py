@@ -5,8 +5,10 @@ in the collective. Two tensors hold more than ``operators.ONE_AT_A_TIME_NUMEL`` 
 shards take the CPU paths for large tensors (a dot product for their norms, one ``clamp_`` for ``value``). The one
 4-D tensor has one row, so rank 1 holds no unit of its rank group. On the last step only a row on rank 1 is large, so
 a clip rate judged from rank 0's units alone would read lower. Writes the largest difference per method, and the clip
-rates each rank recorded with those of one process, to the file given as the only argument."""
+rates each rank recorded with those of one process, and what each rank raised when a NaN sits in rank 1's shard of a
+parameter, to the file given as the only argument."""
 
+import math
 import os
 import sys
 
@@ -15,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-from lightning_clip import Clipper, methods
+from lightning_clip import Clipper, NonFiniteGradientError, methods
 
 #: Global shapes: on 2 ranks, (3,) splits 2 + 1, (5,) 3 + 2, (3, 4) 2 + 1 rows, (1, 4) 1 + 0, (141, 130) 71 + 70
 #: rows (9230 and 9100 elements), (20001,) 10001 + 10000, (1, 2, 2, 2) 1 + 0.
@@ -65,6 +67,25 @@ def clip(method, params, grads_per_step, mesh=None):
     return out, rates
 
 
+def nonfinite_shard_message(params, grads, mesh):
+    """A NaN in rank 1's shard of one parameter, and in the same shard of its gradient: what each rank raises (every
+    rank must stop, naming that parameter, though rank 0 holds no NaN)."""
+    named = [(f"layer{i}.weight", torch.nn.Parameter(distribute_tensor(p.clone(), mesh, [Shard(0)]))) for i, p in
+             enumerate(params)]  # fmt: skip
+    clipper = Clipper(methods.Norm(), named, nonfinite="skip")
+    for (_, p), g in zip(named, grads):
+        p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+    if dist.get_rank() == 1:
+        with torch.no_grad():
+            named[LARGE][1].to_local()[0, 0] = math.nan
+        named[LARGE][1].grad.to_local()[0, 0] = math.nan
+    try:
+        clipper.step()
+    except NonFiniteGradientError as error:
+        return str(error)
+    return None
+
+
 def worker(rank, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["UNEVEN_PORT"])
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -83,8 +104,10 @@ def worker(rank, path):
         per_rank = [None, None]
         dist.all_gather_object(per_rank, sharded_rates)
         rates[method] = {"ranks": per_rank, "one process": single_rates}
+    messages = [None, None]
+    dist.all_gather_object(messages, nonfinite_shard_message(params, steps[0], mesh))
     if rank == 0:
-        torch.save({"differences": differences, "rates": rates}, path)
+        torch.save({"differences": differences, "rates": rates, "nonfinite parameter": messages}, path)
     dist.barrier()
     dist.destroy_process_group()
 
