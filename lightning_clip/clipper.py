@@ -431,6 +431,10 @@ class Clipper:
         self._flags = None
         self.last_nonfinite = [name for name, flag in zip(layout.names, flags) if flag] if new else None
         if streak > self.max_consecutive_skips:
+            params_nonfinite = ~torch.isfinite(tensor_norms(layout, layout.local_params(), 2.0))
+            broken = [name for name, flag in zip(layout.names, params_nonfinite.tolist()) if flag]
+            if broken:
+                raise self._broken_parameters(broken)
             raise NonFiniteGradientError(
                 f"{streak} optimizer steps in a row were skipped (non-finite gradients or spikes; "
                 f"max_consecutive_skips={self.max_consecutive_skips}), seen at a record of the fused-optimizer path. "
@@ -509,13 +513,7 @@ class Clipper:
         else:
             listed = "no single tensor (every tensor's norm is finite; their global norm overflowed float32)"
         if broken:
-            raise NonFiniteGradientError(
-                f"non-finite parameters (NaN/Inf) at optimizer step {self.steps}: {_listed(broken)}. The step's "
-                "gradients are non-finite, and skipping steps cannot mend a parameter, so training stops here. "
-                "Parameters are written by optimizer steps (or loaded from a checkpoint): an optimizer that overflows "
-                "on finite gradients does this, e.g. Adam's eps=1e-8, which is 0 in float16 (precision='16-true'): "
-                "use 'bf16-mixed' or '16-mixed', or a larger eps."
-            )
+            raise self._broken_parameters(broken)
         if self.nonfinite == "raise":
             raise NonFiniteGradientError(
                 f"non-finite gradients (a NaN/Inf element, or a norm beyond float32) at optimizer step {self.steps} "
@@ -524,6 +522,15 @@ class Clipper:
             )
         self.last_nonfinite = bad
         return self._skip(layout, grads, record, f"had non-finite gradients (NaN/Inf); last in: {listed}")
+
+    def _broken_parameters(self, names: list[str]) -> NonFiniteGradientError:
+        return NonFiniteGradientError(
+            f"non-finite parameters (NaN/Inf) at optimizer step {self.steps}: {_listed(names)}. The step's gradients "
+            "are non-finite, and skipping steps cannot mend a parameter, so training stops here. Parameters are "
+            "written by optimizer steps (or loaded from a checkpoint): an optimizer that overflows on finite "
+            "gradients does this, e.g. Adam's eps=1e-8, which is 0 in float16 (precision='16-true'): use "
+            "'bf16-mixed' or '16-mixed', or a larger eps."
+        )
 
     def _spike_step(
         self, layout: Layout, grads: list[Tensor], measured: Measured, levels: Tensor | None, record: bool

@@ -735,6 +735,22 @@ def test_fp16_with_a_fused_optimizer_equals_the_unfused_run(method, kwargs, fold
     assert not hasattr(fused_run[0].trainer.optimizers[0], "grad_scale")
 
 
+def test_parameters_turned_nan_on_the_fused_path_are_named_by_the_record_that_stops_the_fit():
+    """The fused path skips on the device and reads nothing until a record; the record that finds the streak of
+    skips too long names the parameters that hold NaN, where the cause is there rather than in the gradients."""
+
+    class Corrupted(FusedAdam):
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.global_step == 2:
+                with torch.no_grad():
+                    self.body[0].weight[0, 0] = math.nan
+
+    clipping = GradientClipping("norm", max_norm=0.5, log_every_n_steps=4, max_consecutive_skips=1)
+    with pytest.raises(NonFiniteGradientError, match=r"parameters \(NaN/Inf\) at optimizer step 4: body\.0\.weight\. "):
+        trainer([clipping], max_epochs=2).fit(Corrupted(), loader())
+    assert clipping.clippers[0].fused
+
+
 def test_a_skip_on_the_fused_path_reads_nothing_and_changes_no_state():
     """A NaN at step 2: found_inf makes the fused kernel leave parameters, moments and the step count as they were;
     no step reads from the device; the skip is counted and reported at the next record."""
