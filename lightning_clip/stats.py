@@ -134,6 +134,8 @@ class LayerStats:
                 scaled = torch.nan_to_num(scaled, nan=0.0, posinf=1.0, neginf=-1.0)
                 bin_of = ((scaled + 1.0) * (self.bins / 2)).floor_().clamp_(0, self.bins - 1).long()
                 counts.append(torch.bincount(bin_of, minlength=self.bins))
+            if not counts:  # no layer of these tensors is reported (layer_include / layer_exclude)
+                return {**before, "grad_hist": layer_max.new_zeros(0, self.bins)}
             per_tensor = torch.stack(counts).to(layer_max.dtype)
             if layout.reducer is not None:  # counts of every rank's shard, replicated data counted once
                 per_tensor = layout.reducer.sum(per_tensor, layout.reducer.weights[index.positions.cpu()])

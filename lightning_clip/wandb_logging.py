@@ -54,9 +54,16 @@ def define_summaries(loggers: Sequence[WandbLogger], keys: Iterable[tuple[str, s
 
 
 def log_histograms(
-    loggers: Sequence[WandbLogger], step: int, layers: Sequence[str], counts: Sequence[float], maxima, bins: int
+    loggers: Sequence[WandbLogger],
+    step: int,
+    layers: Sequence[str],
+    counts: Sequence[float],
+    maxima,
+    bins: int,
+    suffix: str,
 ) -> None:
-    """Per-layer histograms of the pre-clip gradient values over ``[-max, max]`` of each layer."""
+    """Per-layer histograms of the pre-clip gradient values over ``[-max, max]`` of each layer, keyed as the other
+    per-layer values (``suffix``: the optimizer's, when there are several)."""
     if not loggers:
         return
     import numpy as np
@@ -68,7 +75,8 @@ def log_histograms(
         if not math.isfinite(limit):
             continue
         edges = np.linspace(-limit, limit, bins + 1) if limit > 0 else np.linspace(-1.0, 1.0, bins + 1)
-        histograms[f"grad_hist/{layer}"] = wandb.Histogram(np_histogram=(counts[k * bins : (k + 1) * bins], edges))
+        layer_counts = counts[k * bins : (k + 1) * bins]
+        histograms[f"grad_hist/{layer}{suffix}"] = wandb.Histogram(np_histogram=(layer_counts, edges))
     for logger in loggers:
         logger.experiment.log({**histograms, STEP: step})
 
@@ -105,7 +113,8 @@ class WandbExtras:
         define_summaries(loggers, new)
         step = trainer.global_step
         if record.histograms is not None:
-            log_histograms(loggers, step, record.layers, record.histograms, record.layer_stats["grad_max"], self.bins)
+            maxima = record.layer_stats["grad_max"]
+            log_histograms(loggers, step, record.layers, record.histograms, maxima, self.bins, suffix)
         if "grad_norm" in record.layer_stats:
             self.heatmap.add(step, dict(zip(record.layers, record.layer_stats["grad_norm"])))
             if self.heatmap_every is not None and count % self.heatmap_every == 0:

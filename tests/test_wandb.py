@@ -124,6 +124,21 @@ def test_heatmap_image_at_the_end_of_training(wandb_run):
     assert images[0]["grad_norm_heatmap"]["_type"] == "image-file"
 
 
+def test_histograms_of_two_optimizers_when_layer_include_keeps_only_one_of_them(tmp_path):
+    """``layer_include`` keeps the generator's layer only: the critic's optimizer then reports no layer, and its
+    histogram steps (until 0.8.1 a crash on an empty stack of counts) log none, while the generator's do, keyed
+    with its optimizer's suffix as every other per-layer value (until 0.8.1 they had none)."""
+    from models import TwoOptimizerModule
+
+    logger = WandbLogger(project="tests", save_dir=str(tmp_path), offline=True)
+    clipping = GradientClipping("norm", layer_include=["generator"], histogram_every=1)
+    trainer(callbacks=[clipping], logger=logger, log_every_n_steps=1, max_steps=4).fit(TwoOptimizerModule(), loader())
+    logger.experiment.finish()
+    keys = {key for row in read_run(tmp_path).history for key in row}
+    assert {"grad_hist/generator_opt0", "grad_norm/generator_opt0", "grad/norm_opt1"} <= keys
+    assert not any(key.startswith(("grad_hist/critic", "grad_norm/critic")) for key in keys)
+
+
 class SpikeOnce(TinyModule):
     """Every gradient x1000 on global step 5, which is not a recording step (records at 3, 7, 11, 15)."""
 
