@@ -333,7 +333,7 @@ class Clipper:
         if self.reads_host:
             proceed, levels = finite, None
             if self.spikes is not None:
-                spike, levels = self.spikes.judge(measured.overall, measured.norms, finite)
+                spike, levels = self.spikes.judge(layout, measured.overall, measured.norms, finite)
                 proceed = finite & ~spike
             if not bool(proceed):  # the one host read of a non-recording step
                 if not bool(finite):
@@ -396,7 +396,7 @@ class Clipper:
         scaled = self.grad_scaler is not None  # the GradScaler sets found_inf and skips non-finite steps itself
         skip = ~finite if self.nonfinite == "skip" and not scaled else torch.zeros_like(finite)
         if self.spikes is not None and self.nonfinite == "skip":
-            spike, _ = self.spikes.judge(measured.overall, measured.norms, finite)
+            spike, _ = self.spikes.judge(layout, measured.overall, measured.norms, finite)
             skip = skip | (spike & finite)
         self._device_skips = self._device_skips.to(skip.device) + skip.long()
         self._consecutive = torch.where(skip, self._consecutive.to(skip.device) + 1, 0)
@@ -533,14 +533,15 @@ class Clipper:
         )
 
     def _spike_step(
-        self, layout: Layout, grads: list[Tensor], measured: Measured, levels: Tensor | None, record: bool
+        self, layout: Layout, grads: list[Tensor], measured: Measured, levels: Tensor, record: bool
     ) -> StepRecord | None:
         """A finite step whose global norm is a spike (``spikes.py``): skipped like a non-finite one, and the
-        tensor whose norm grew most against its own level is named (one read, on this skipped step only)."""
-        ratios = measured.norms / levels.to(measured.norms) if levels is not None else measured.norms
-        index, ratio, norm = torch.stack([ratios.nan_to_num(0.0).argmax().to(ratios), ratios.nan_to_num(0.0).max(),
-                                          measured.overall.to(ratios)]).tolist()  # fmt: skip
-        self.last_spike = SpikeReport(layout.names[int(index)], ratio if levels is not None else math.nan, norm)
+        tensor whose norm grew most against its own level is named (one read, on this skipped step only; a tensor
+        seen for the first time has no level, so no ratio)."""
+        ratios = (measured.norms / levels.to(measured.norms)).nan_to_num(0.0)
+        read = torch.stack([ratios.argmax().to(ratios), ratios.max(), measured.overall.to(ratios)])
+        index, ratio, norm = read.tolist()
+        self.last_spike = SpikeReport(layout.names[int(index)], ratio, norm)
         self.spike_skipped_steps += 1
         return self._skip(layout, grads, record, "were gradient-norm spikes (skip_spikes)")
 

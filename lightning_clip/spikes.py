@@ -14,7 +14,9 @@ choices here, and why:
   scale, far below ``max_consecutive_skips``.
 
 Per tensor, an EMA of its norm over the steps before (``LEVEL_BETA``) tells which tensor grew most against its own
-recent level: the warning of a skipped spike names it.
+recent level: the warning of a skipped spike names it. The levels are kept per tensor of the param set, so that a
+tensor keeps its own level when others have no gradient on a step (until 0.8.1 they were kept per tensor of the
+step's layout, and a spike on a step whose layout had changed raised instead of being skipped).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import torch
 from torch import Tensor
 
 from lightning_clip import threshold_kernels
-from lightning_clip.thresholds import resized_ring, saved_copy
+from lightning_clip.params import Layout
+from lightning_clip.thresholds import per_tensor_state, resized_ring, saved_copy
 
 #: EMA smoothing of each tensor's norm level, for naming the tensor behind a spike.
 LEVEL_BETA = 0.9
@@ -44,24 +47,27 @@ class SpikeSkipper:
         self.min_samples = min(max(20, window // 2), window)
         self.history = torch.full((window,), math.nan)
         self.count = torch.zeros((), dtype=torch.long)
-        self.levels: Tensor | None = None  # per tensor of the layout it last saw
+        self.levels: Tensor | None = None  # per tensor of the param set, NaN until seen
 
     def _on(self, like: Tensor) -> None:
         self.history = self.history.to(like.device, like.dtype)
         self.count = self.count.to(like.device)
 
-    def judge(self, total: Tensor, norms: Tensor, finite: Tensor) -> tuple[Tensor, Tensor | None]:
-        """One step: whether ``total`` is a spike (:meth:`is_spike`), and the per-tensor levels from before this
-        step (``None`` before the first), then the step observed (:meth:`observe`)."""
+    def judge(self, layout: Layout, total: Tensor, norms: Tensor, finite: Tensor) -> tuple[Tensor, Tensor]:
+        """One step: whether ``total`` is a spike (:meth:`is_spike`), and the levels of the layout's tensors from
+        before this step (NaN where not seen yet), then the step observed (:meth:`observe`)."""
         self._on(total)
-        levels = self.levels
+        self.levels, index = per_tensor_state(self.levels, layout, norms, math.nan)
+        levels = self.levels if index is None else self.levels[index]
+        done = None
         if threshold_kernels.applies(self.history, self.window) and norms.dtype == torch.float32:
-            done = threshold_kernels.spike_step(self, total, norms, finite)
-            if done is not None:
-                spike, self.levels = done
-                return spike, levels
-        spike = self.is_spike(total)
-        self.observe(total, norms, finite)
+            done = threshold_kernels.spike_step(self, total, norms, finite, levels)
+        if done is not None:
+            spike, updated = done
+        else:
+            spike = self.is_spike(total)
+            updated = self.observe(total, norms, finite, levels)
+        self.levels = updated if index is None else self.levels.index_put((index,), updated)
         return spike, levels
 
     def is_spike(self, total: Tensor) -> Tensor:
@@ -74,18 +80,15 @@ class SpikeSkipper:
         var = torch.where(filled, (self.history - mean) ** 2, 0.0).sum() / n.clamp(min=1)
         return (n >= self.min_samples) & (total > mean + self.k * var.sqrt())
 
-    def observe(self, total: Tensor, norms: Tensor, finite: Tensor) -> None:
-        """Enter a finite step's norm into the window and its per-tensor norms into their levels."""
+    def observe(self, total: Tensor, norms: Tensor, finite: Tensor, levels: Tensor) -> Tensor:
+        """Enter a finite step's norm into the window; the new levels of its tensors (``levels``: from before, NaN
+        where not seen yet), each an EMA of the tensor's norm."""
         self._on(total)
         slot = (self.count % self.window).reshape(1)
         self.history = torch.where(finite, self.history.index_put((slot,), total.reshape(1)), self.history)
         self.count = self.count + finite.long()
-        if self.levels is None or self.levels.shape != norms.shape:
-            self.levels = torch.where(finite, norms, torch.nan)
-        else:
-            levels = self.levels.to(norms)
-            updated = torch.where(torch.isnan(levels), norms, self.level_beta * levels + (1 - self.level_beta) * norms)
-            self.levels = torch.where(finite, updated, levels)
+        updated = torch.where(torch.isnan(levels), norms, self.level_beta * levels + (1 - self.level_beta) * norms)
+        return torch.where(finite, updated, levels)
 
     def state_dict(self) -> dict[str, Any]:
         """Copies (the kernel updates ``history`` and ``count`` in place)."""

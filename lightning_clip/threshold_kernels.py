@@ -133,21 +133,19 @@ def adagc_step(
     return thresholds if ran else None
 
 
-def spike_step(skipper, total: Tensor, norms: Tensor, finite: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The spike skipper's decision (a 0-d bool) and its new per-tensor levels (a new tensor: the old ones stay, for
-    naming the tensor behind a spike), with ``skipper.history`` and ``skipper.count`` updated in place; ``None`` if
-    the kernel could not run."""
+def spike_step(skipper, total: Tensor, norms: Tensor, finite: Tensor, levels: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The spike skipper's decision (a 0-d bool) and the new levels of the step's tensors (a new tensor: ``levels``,
+    from before, stays, for naming the tensor behind a spike), with ``skipper.history`` and ``skipper.count`` updated
+    in place; ``None`` if the kernel could not run."""
     spike = torch.empty((), dtype=torch.bool, device=total.device)
-    levels = torch.empty_like(norms)
-    has_levels = skipper.levels is not None and skipper.levels.shape == norms.shape
+    updated = torch.empty_like(norms)
     ran = _launch(
         _spikes, total, "spike-skipping",
-        total, norms, finite.to(total.device), skipper.history, skipper.count,
-        skipper.levels.to(norms) if has_levels else norms, levels, spike, len(norms), skipper.window,
-        skipper.min_samples, skipper.k, skipper.level_beta, 1 - skipper.level_beta,
-        HAS_LEVELS=has_levels, BLOCK=triton.next_power_of_2(skipper.window), LEVEL_BLOCK=1024,
+        total, norms, finite.to(total.device), skipper.history, skipper.count, levels, updated, spike, len(norms),
+        skipper.window, skipper.min_samples, skipper.k, skipper.level_beta, 1 - skipper.level_beta,
+        BLOCK=triton.next_power_of_2(skipper.window), LEVEL_BLOCK=1024,
     )  # fmt: skip
-    return (spike, levels) if ran else None
+    return (spike, updated) if ran else None
 
 
 if triton is not None:
@@ -295,7 +293,7 @@ if triton is not None:
     def _spikes(
         total_ptr, norms, finite_ptr, history, count_ptr, levels, new_levels, spike_ptr, size, window, min_samples,
         k, beta, one_minus_beta,
-        HAS_LEVELS: tl.constexpr, BLOCK: tl.constexpr, LEVEL_BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, LEVEL_BLOCK: tl.constexpr,
     ):  # fmt: skip
         total = tl.load(total_ptr)
         finite = tl.load(finite_ptr) != 0
@@ -319,10 +317,6 @@ if triton is not None:
             index = start + tl.arange(0, LEVEL_BLOCK)
             present = index < size
             norm = tl.load(norms + index, mask=present, other=0.0)
-            if HAS_LEVELS:
-                level = tl.load(levels + index, mask=present, other=0.0)
-                updated = tl.where(level != level, norm, beta * level + one_minus_beta * norm)
-                new = tl.where(finite, updated, level)
-            else:
-                new = tl.where(finite, norm, float("nan"))
-            tl.store(new_levels + index, new, mask=present)
+            level = tl.load(levels + index, mask=present, other=0.0)  # NaN: not seen yet
+            updated = tl.where(level != level, norm, beta * level + one_minus_beta * norm)
+            tl.store(new_levels + index, tl.where(finite, updated, level), mask=present)

@@ -155,6 +155,29 @@ class UnitUpdateCap(ReadsLearningRate, ThresholdPolicy):
         self.inner.load_state_dict(state)
 
 
+def per_tensor_state(state: Tensor | None, layout: Layout, like: Tensor, fill: float) -> tuple[Tensor, Tensor | None]:
+    """State kept per tensor of the param set (not per tensor of a step's layout, which holds only the tensors
+    with gradients, in device/dtype runs): ``state`` grown with ``fill`` to cover the layout's tensors and put on
+    ``like``'s device and dtype, and the positions of the layout's tensors in it (``None`` when the layout holds all
+    of it in order: then no gather and no scatter). The positions are cached in ``layout.state_index``."""
+    if layout.state_index is None:
+        size = max(layout.indices) + 1
+        in_order = size == len(layout) and layout.indices == list(range(size))
+        layout.state_index = (None if in_order else torch.tensor(layout.indices, device=like.device), size)
+    index, size = layout.state_index
+    if state is None or state.numel() < size:
+        grown = torch.full((size,), fill, device=like.device, dtype=like.dtype)
+        if state is not None:
+            grown[: state.numel()] = state.to(grown)
+        state = grown
+    if state.device != like.device or state.dtype != like.dtype:
+        state = state.to(like.device, like.dtype)
+    if index is None and state.numel() > size:  # more tensors in the state than this layout has
+        index = torch.arange(size, device=like.device)
+        layout.state_index = (index, size)
+    return state, index
+
+
 def saved_copy(state: Tensor) -> Tensor:
     """A copy of a state tensor on the host for a checkpoint (the kernels update the state in place)."""
     return state.detach().to("cpu", copy=True)
@@ -517,24 +540,12 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         self._placed: tuple | None = None  # the device and dtype the state is on
 
     def _gamma(self, layout: Layout, like: Tensor) -> tuple[Tensor, Tensor | None]:
-        """The thresholds, on ``like``'s device, and the positions of the layout's tensors in them (``None`` when
-        the layout holds all of them in order: then no gather and no scatter)."""
-        if layout.state_index is None:
-            size = max(layout.indices) + 1
-            in_order = size == len(layout) and layout.indices == list(range(size))
-            layout.state_index = (None if in_order else torch.tensor(layout.indices, device=like.device), size)
-        index, size = layout.state_index
-        if self.gamma is None or self.gamma.numel() < size:
-            grown = torch.full((size,), math.inf, device=like.device, dtype=like.dtype)
-            if self.gamma is not None:
-                grown[: self.gamma.numel()] = self.gamma.to(grown)
-            self.gamma = grown
+        """The thresholds, on ``like``'s device, and the positions of the layout's tensors in them
+        (:func:`per_tensor_state`)."""
+        self.gamma, index = per_tensor_state(self.gamma, layout, like, math.inf)
         if self._placed != (like.device, like.dtype):  # the usual step: nothing to move (host time)
-            self.gamma, self.count = self.gamma.to(like.device, like.dtype), self.count.to(like.device)
+            self.count = self.count.to(like.device)
             self._placed = (like.device, like.dtype)
-        if index is None and self.gamma.numel() > size:  # more thresholds than this layout has tensors
-            index = torch.arange(size, device=like.device)
-            layout.state_index = (index, size)
         return self.gamma, index
 
     def threshold(self, layout: Layout, measured: Measured | None, finite: Tensor | None = None) -> Tensor:

@@ -177,6 +177,35 @@ def test_the_warning_names_the_layer_that_grew_most(caplog):
     assert "global step 30" in message and "layer 'body.2'" in message
 
 
+def test_each_tensor_keeps_its_level_when_others_have_no_gradient():
+    """Levels are kept per tensor of the optimizer: ``b`` (bf16, so the layout reorders around it) has a gradient
+    on every third step only, and ``d`` from step 10 on. Spikes on steps where the layout differs from the one
+    before are skipped and name the tensor that grew, with the ratio to its own EMA (float64 reference); until
+    0.8.1 the levels followed the layout's positions, and such a spike raised a shape mismatch."""
+    gen = torch.Generator().manual_seed(0)
+    names, dtypes = ["a", "b", "c", "d"], [torch.float32, torch.bfloat16, torch.float32, torch.float32]
+    params = [torch.nn.Parameter(torch.zeros(6, dtype=d)) for d in dtypes]
+    clipper = Clipper(methods.NoClipping(), zip(names, params), skip_spikes=6.0, spike_window=40)
+    levels, spikes = {}, {41: ("c", 1e3), 45: ("b", 1e5), 52: ("d", 1e7)}  # each far above the window's last
+    for step in range(60):
+        present = [i for i in range(4) if (i != 1 or step % 3 == 0) and (i != 3 or step >= 10)]
+        grads = {i: (1 + 0.05 * torch.randn(6, generator=gen)).to(dtypes[i]) for i in present}
+        if step in spikes:
+            grads[names.index(spikes[step][0])] *= spikes[step][1]
+        for i, p in enumerate(params):
+            p.grad = grads.get(i)
+        norms = {i: float(g.double().norm()) for i, g in grads.items()}
+        clipper.step()
+        if step in spikes:
+            tensor = names.index(spikes[step][0])
+            assert clipper.last_spike.tensor == spikes[step][0], step
+            assert clipper.last_spike.ratio == pytest.approx(norms[tensor] / levels[tensor], rel=1e-4)
+        else:
+            assert clipper.last_spike is None, step
+        for i, n in norms.items():  # every finite step updates the levels, a skipped spike's too
+            levels[i] = n if i not in levels else 0.9 * levels[i] + 0.1 * n
+
+
 @pytest.mark.parametrize("nonfinite", ["raise", "ignore"])
 def test_skip_spikes_needs_nonfinite_skip(nonfinite):
     with pytest.raises(ClippingConfigError, match="skip_spikes"):
