@@ -34,7 +34,7 @@ from lightning_clip.operators import NORM_EPS, Applied, GlobalNormClip, Measured
 from lightning_clip.params import Layout, ParamSet
 from lightning_clip.sharding import FlatShard
 from lightning_clip.spikes import SpikeSkipper
-from lightning_clip.stats import LayerStats, parameter_norms
+from lightning_clip.stats import LayerMaxima, LayerStats, parameter_norms
 from lightning_clip.thresholds import ReadsLearningRate
 
 NonFinite = Literal["skip", "raise", "ignore"]
@@ -275,7 +275,7 @@ class Clipper:
         l2_every_step = (self.operator.measures_always or self.reads_host) and self.operator.norm_type == 2.0
         self.track_max = l2_every_step if track_max is None else track_max
         self._norm_max: Tensor | None = None  # since the last record: the global L2 norm's max, and each layer's
-        self._layer_max: Tensor | None = None
+        self._layer_max = LayerMaxima()
         self.spikes = SpikeSkipper(skip_spikes, spike_window) if skip_spikes is not None else None
         self.last_spike: SpikeReport | None = None
         self.spike_skipped_steps = 0
@@ -452,9 +452,8 @@ class Clipper:
         total = torch.linalg.vector_norm(norms)
         self._norm_max = total if self._norm_max is None else torch.fmax(self._norm_max.to(total), total)
         if self.stats is not None:
-            layers = self.stats.index(layout, norms.device).l2(norms)
-            same = self._layer_max is not None and self._layer_max.shape == layers.shape
-            self._layer_max = torch.fmax(self._layer_max, layers) if same else layers
+            index = self.stats.index(layout, norms.device)
+            self._layer_max.add(index, index.l2(norms))
 
     def _count(self, finite: Tensor, like: Tensor) -> None:
         self._nonfinite_steps = self._nonfinite_steps.to(like.device) + (~finite).to(like.dtype)
@@ -491,10 +490,11 @@ class Clipper:
             record.layers = self.stats.index(layout, grad_norms.device).layers
             record.param_norms = parameter_norms(layout, grad_norms)
             record.layer_stats = self.stats.compute(layout, grad_norms, record.param_norms, before)
-            if self._layer_max is not None and len(self._layer_max) == len(record.layers):
-                record.layer_stats["grad_norm_max"] = self._layer_max
+            layer_max = self._layer_max.take(self.stats.index(layout, grad_norms.device))
+            if layer_max is not None:
+                record.layer_stats["grad_norm_max"] = layer_max
         record.norm_max = self._norm_max
-        self._norm_max = self._layer_max = None
+        self._norm_max = None
         self._clipped_steps = torch.zeros_like(self._clipped_steps)
         self._judged_steps = 0
         return record

@@ -10,6 +10,7 @@ aggregate as L2 norms (the square root of the summed squares), the largest absol
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +93,50 @@ class LayerIndex:
     def any_nonfinite(self, tensor_values: Tensor) -> Tensor:
         bad = (~torch.isfinite(self._selected(tensor_values))).to(tensor_values.dtype)
         return bad.new_zeros(len(self.layers)).index_add_(0, self.layer_of, bad).clamp_max_(1.0)
+
+
+class LayerMaxima:
+    """The running max of each layer's gradient norm since the last record, on the device (no read), kept per layer
+    name: a step's layout holds only the tensors with gradients, so its layers may differ from the step before (a
+    branch unused on some steps), and each layer keeps its own max. NaN norms are ignored (``fmax``)."""
+
+    def __init__(self) -> None:
+        self.slots: dict[str, int] = {}  # layer name -> its position in ``values``
+        self.values: Tensor | None = None  # NaN for a layer not seen since the last record
+        self._positions: dict[int, tuple[LayerIndex, Tensor | None]] = {}
+
+    def _of(self, index: LayerIndex, device: torch.device) -> Tensor:
+        """Where ``index``'s layers sit in ``values`` (``None`` when at its start, in order: no scatter, no gather)."""
+        known = self._positions.get(id(index))  # the index is kept with its positions, so its id stays its own
+        if known is None:
+            slots = [self.slots.setdefault(layer, len(self.slots)) for layer in index.layers]
+            in_order = slots == list(range(len(slots)))
+            known = self._positions[id(index)] = (index, None if in_order else torch.tensor(slots, device=device))
+        return known[1]
+
+    def add(self, index: LayerIndex, layer_norms: Tensor) -> None:
+        """One step's per-layer norms (in ``index.layers`` order)."""
+        positions, size = self._of(index, layer_norms.device), len(self.slots)
+        if positions is None and size == len(layer_norms):  # the usual step: the layers of every step before
+            seen = layer_norms
+        else:
+            if positions is None:
+                positions = torch.arange(len(layer_norms), device=layer_norms.device)
+            seen = layer_norms.new_full((size,), math.nan).index_copy_(0, positions, layer_norms)
+            if self.values is not None and len(self.values) < size:
+                self.values = torch.cat([self.values, self.values.new_full((size - len(self.values),), math.nan)])
+        self.values = seen if self.values is None else torch.fmax(self.values, seen)
+
+    def take(self, index: LayerIndex) -> Tensor | None:
+        """The maxima of ``index``'s layers since the last record (``None`` if nothing was added), then a fresh
+        start."""
+        values, self.values = self.values, None
+        if values is None:
+            return None
+        positions = self._of(index, values.device)
+        if positions is None:
+            return values if len(values) == len(index.layers) else values[: len(index.layers)]
+        return values[positions]
 
 
 def parameter_norms(layout: Layout, like: Tensor) -> Tensor:

@@ -52,6 +52,35 @@ def test_grouping_options(grouping, layers):
     assert record.layer_stats["grad_norm"].shape == (len(layers),)
 
 
+def test_each_layer_keeps_its_own_max_when_the_layers_change_between_records():
+    """``grad_norm_max/<layer>`` per layer name: between records, ``b`` has no gradient on some steps and ``d``
+    appears late, so the layers of a step's layout change. Each layer's max over the steps since the previous record
+    equals the float64 max of its norms on the steps it had any; until 0.8.1 the running max was kept by position,
+    so a change of layers dropped it (a spike of ``c`` on such a step never showed) or mixed two layers' values."""
+    gen = torch.Generator().manual_seed(2)
+    names = ["a.weight", "b.weight", "c.weight", "d.weight"]
+    params = [torch.nn.Parameter(torch.zeros(5)) for _ in names]
+    clipper = Clipper(methods.NoClipping(), zip(names, params), stats=LayerStats(LayerGrouping()), track_max=True)
+    presence = [{0, 2}, {0, 1, 2}, {0, 2}, {0, 1, 2, 3}, {0, 2, 3}, {1, 2, 3}, {0, 1, 2, 3}]
+    records, seen = [], {}
+    for step, present in enumerate(presence):
+        for i, p in enumerate(params):
+            p.grad = torch.randn(5, generator=gen) * (100.0 if (step, i) in {(0, 2), (4, 3)} else 1.0)
+            if i not in present:
+                p.grad = None
+            else:
+                layer = names[i].split(".")[0]
+                seen[layer] = max(seen.get(layer, 0.0), float(p.grad.double().norm()))
+        record = clipper.step(record=step in (3, 6))
+        if record is not None:
+            records.append((record.layers, record.layer_stats["grad_norm_max"].tolist(), dict(seen)))
+            seen = {}
+    assert [layers for layers, *_ in records] == [["a", "b", "c", "d"], ["a", "b", "c", "d"]]
+    for layers, maxima, expected in records:
+        assert maxima == pytest.approx([expected[layer] for layer in layers], rel=1e-6)
+    assert records[0][1][2] > 100 and records[1][1][3] > 100  # c's spike at step 0, d's at step 4
+
+
 def test_zero_parameters_give_nan_ratio_not_inf():
     record, _, _ = recorded(LayerGrouping(per_parameter=True))
     assert math.isnan(record.layer_stats["grad_ratio"][4].item())
