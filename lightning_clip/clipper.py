@@ -35,7 +35,7 @@ from lightning_clip.params import Layout, ParamSet
 from lightning_clip.sharding import FlatShard
 from lightning_clip.spikes import SpikeSkipper
 from lightning_clip.stats import LayerMaxima, LayerStats, parameter_norms
-from lightning_clip.thresholds import ReadsLearningRate
+from lightning_clip.thresholds import ReadsLearningRate, per_tensor_state
 
 NonFinite = Literal["skip", "raise", "ignore"]
 NONFINITE_MODES: tuple[str, ...] = ("skip", "raise", "ignore")
@@ -252,7 +252,9 @@ class Clipper:
                 optimizer.register_step_post_hook(_clear_folded)
             self._device_skips = torch.zeros((), dtype=torch.long)
             self._consecutive = torch.zeros((), dtype=torch.long)
-            self._flags: Tensor | None = None  # per tensor: held NaN/Inf since the last report
+            self._flags: Tensor | None = (
+                None  # per tensor of the param set: 1.0 if it held NaN/Inf since the last report
+            )
         if isinstance(self.policy, ReadsLearningRate) and self.policy.reads_learning_rate:
             if optimizer is None:
                 ratio = self.policy.ratio_parameter
@@ -400,8 +402,9 @@ class Clipper:
             skip = skip | (spike & finite)
         self._device_skips = self._device_skips.to(skip.device) + skip.long()
         self._consecutive = torch.where(skip, self._consecutive.to(skip.device) + 1, 0)
-        flags = ~torch.isfinite(measured.norms)
-        self._flags = flags if self._flags is None or self._flags.shape != flags.shape else self._flags | flags
+        flags = (~torch.isfinite(measured.norms)).to(measured.norms.dtype)
+        held, index = per_tensor_state(self._flags, layout, flags, 0.0)
+        self._flags = torch.maximum(held, flags) if index is None else held.index_reduce(0, index, flags, "amax")
         record = grad_norms is not None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
         if "grad_max" in before and unscale is not None:
@@ -423,18 +426,20 @@ class Clipper:
         self._report_device_skips(layout)
         return self._record(layout, grad_norms, grad_norms * torch.where(skip, 0.0, coef), reported, before)
 
-    def _report_device_skips(self, layout: Layout) -> None:
-        """One read of the fused path's counters: skips since the last report, the streak, the tensors."""
+    def _report_device_skips(self, layout: Layout | None) -> None:
+        """One read of the fused path's counters: skips since the last report, the streak, the tensors. Past
+        ``max_consecutive_skips``, one more read names the parameters of ``layout`` that hold NaN/Inf, if any."""
         skips, streak, *flags = torch.cat([self._device_skips.reshape(1), self._consecutive.reshape(1),
                                            self._flags.long()]).tolist()  # fmt: skip
         new, self.skipped_steps, self.consecutive_skips = skips - self.skipped_steps, skips, streak
         self._flags = None
-        self.last_nonfinite = [name for name, flag in zip(layout.names, flags) if flag] if new else None
+        self.last_nonfinite = [name for name, flag in zip(self.params.names, flags) if flag] if new else None
         if streak > self.max_consecutive_skips:
-            params_nonfinite = ~torch.isfinite(tensor_norms(layout, layout.local_params(), 2.0))
-            broken = [name for name, flag in zip(layout.names, params_nonfinite.tolist()) if flag]
-            if broken:
-                raise self._broken_parameters(broken)
+            if layout is not None:
+                params_nonfinite = ~torch.isfinite(tensor_norms(layout, layout.local_params(), 2.0))
+                broken = [name for name, flag in zip(layout.names, params_nonfinite.tolist()) if flag]
+                if broken:
+                    raise self._broken_parameters(broken)
             raise NonFiniteGradientError(
                 f"{streak} optimizer steps in a row were skipped (non-finite gradients or spikes; "
                 f"max_consecutive_skips={self.max_consecutive_skips}), seen at a record of the fused-optimizer path. "
@@ -442,7 +447,7 @@ class Clipper:
             )
 
     def flush(self) -> None:
-        """Bring the fused path's device counters to the host (at the end of a fit)."""
+        """Bring the fused path's device counters to the host (at the end of a fit; the gradients may be gone)."""
         if self.fused and self._flags is not None and self.params is not None:
             self._report_device_skips(self.params.layout())
 

@@ -212,6 +212,24 @@ def test_fused_path_under_a_grad_scaler_reads_nothing_and_equals_clip_then_step(
     assert not hasattr(fused, "grad_scale")
 
 
+def test_the_fused_path_names_a_skipped_steps_tensors_when_the_layout_changes_before_the_record():
+    """The fused path reports its skips at the next record, naming the tensors that held NaN/Inf. The flags are kept
+    per tensor of the optimizer, so a tensor that has no gradient on some steps in between does not shift them
+    (until 0.8.1 they were kept by position in the layout: reset, or given to a neighbour)."""
+    params = make_params(seed=12)
+    optimizer = torch.optim.AdamW(params, lr=0.01, fused=True)
+    clipper = Clipper(methods.Norm(max_norm=0.5), named(params), optimizer=optimizer, nonfinite="skip")
+    for step in range(3):
+        for i, p in enumerate(params):
+            p.grad = None if (i == 1 and step < 2) else torch.randn_like(p)
+        if step == 1:
+            params[4].grad[0, 0] = math.nan
+        record = clipper.step(record=step == 2)
+        optimizer.step()
+    assert clipper.fused and record is not None
+    assert clipper.last_nonfinite == ["layer4.weight"] and clipper.skipped_steps == 1
+
+
 def test_a_grad_scaler_needs_a_fused_optimizer():
     params = make_params(seed=5)
     scaler = torch.amp.GradScaler("cpu")
