@@ -404,7 +404,7 @@ class Clipper:
         self._consecutive = torch.where(skip, self._consecutive.to(skip.device) + 1, 0)
         flags = (~torch.isfinite(measured.norms)).to(measured.norms.dtype)
         held, index = per_tensor_state(self._flags, layout, flags, 0.0)
-        self._flags = torch.maximum(held, flags) if index is None else held.index_reduce(0, index, flags, "amax")
+        self._flags = torch.maximum(held, flags) if index is None else held.index_put((index,), held[index].fmax(flags))
         record = grad_norms is not None
         before = self.stats.before_clip(layout, grads, histogram) if record and self.stats else {}
         if "grad_max" in before and unscale is not None:

@@ -117,14 +117,14 @@ class LayerMaxima:
     def add(self, index: LayerIndex, layer_norms: Tensor) -> None:
         """One step's per-layer norms (in ``index.layers`` order)."""
         positions, size = self._of(index, layer_norms.device), len(self.slots)
-        if positions is None and size == len(layer_norms):  # the usual step: the layers of every step before
+        if positions is None and size == len(layer_norms):  # the usual step: every layer seen so far, in order
             seen = layer_norms
         else:
             if positions is None:
                 positions = torch.arange(len(layer_norms), device=layer_norms.device)
             seen = layer_norms.new_full((size,), math.nan).index_copy_(0, positions, layer_norms)
-            if self.values is not None and len(self.values) < size:
-                self.values = torch.cat([self.values, self.values.new_full((size - len(self.values),), math.nan)])
+        if self.values is not None and len(self.values) < size:  # layers first seen on this step
+            self.values = torch.cat([self.values, self.values.new_full((size - len(self.values),), math.nan)])
         self.values = seen if self.values is None else torch.fmax(self.values, seen)
 
     def take(self, index: LayerIndex) -> Tensor | None:
