@@ -252,9 +252,7 @@ class Clipper:
                 optimizer.register_step_post_hook(_clear_folded)
             self._device_skips = torch.zeros((), dtype=torch.long)
             self._consecutive = torch.zeros((), dtype=torch.long)
-            self._flags: Tensor | None = (
-                None  # per tensor of the param set: 1.0 if it held NaN/Inf since the last report
-            )
+            self._flags: Tensor | None = None  # per tensor of the param set: 1.0 if NaN/Inf since the report
         if isinstance(self.policy, ReadsLearningRate) and self.policy.reads_learning_rate:
             if optimizer is None:
                 ratio = self.policy.ratio_parameter

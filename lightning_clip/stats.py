@@ -105,7 +105,7 @@ class LayerMaxima:
         self.values: Tensor | None = None  # NaN for a layer not seen since the last record
         self._positions: dict[int, tuple[LayerIndex, Tensor | None]] = {}
 
-    def _of(self, index: LayerIndex, device: torch.device) -> Tensor:
+    def _of(self, index: LayerIndex, device: torch.device) -> Tensor | None:
         """Where ``index``'s layers sit in ``values`` (``None`` when at its start, in order: no scatter, no gather)."""
         known = self._positions.get(id(index))  # the index is kept with its positions, so its id stays its own
         if known is None:
