@@ -215,6 +215,7 @@ class GradientClipping(Callback):
         self._fit = _Fit(WandbExtras(self.histogram_bins, self.heatmap_every))
         self._reset_summary()
         _check_trainer(self, trainer)
+        _check_module(self, pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for index, optimizer in _selected(trainer, self.optimizers, self.method):
@@ -497,6 +498,17 @@ def _legacy_state(states: dict[str, Any], method: Method) -> dict[str, Any] | No
     current = method.params()
     exact = [c for c in candidates if all(current.get(k) == v for k, v in c["params"].items())]
     return (exact or candidates)[0] if len(exact) == 1 or len(candidates) == 1 else None
+
+
+def _check_module(callback: GradientClipping, pl_module: pl.LightningModule) -> None:
+    """A module that overrides ``configure_gradient_clipping`` clips in it, after this callback: say so."""
+    own = type(pl_module).configure_gradient_clipping is not pl.LightningModule.configure_gradient_clipping
+    if own and not isinstance(callback.method, methods.NoClipping):
+        rank_zero_warn(
+            f"{type(pl_module).__name__} overrides configure_gradient_clipping, which Lightning calls after "
+            f"GradientClipping({callback.method.name!r}) has clipped: if it clips too, each step is clipped twice. "
+            "Remove the override, or keep it and record what it faces with GradientClipping(method='none')."
+        )
 
 
 def _check_trainer(callback: GradientClipping, trainer: pl.Trainer) -> None:

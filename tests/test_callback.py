@@ -128,6 +128,26 @@ def test_method_none_beside_gradient_clip_val_records_what_lightnings_clipping_f
     assert all(n == pytest.approx(0.5, rel=1e-5) for n in after.norms)
 
 
+@pytest.mark.parametrize("method", ["norm", "none"])
+def test_a_module_that_clips_in_configure_gradient_clipping_is_warned_of_double_clipping(method):
+    """Lightning calls ``configure_gradient_clipping`` after the callback's hook: an override that clips would clip
+    each step a second time. A warning says so (nothing for ``none``, which changes no gradient)."""
+
+    class ClipsItself(TinyModule):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[GradientClipping(method)]).fit(ClipsItself(), loader())
+    doubled = [w for w in caught if "overrides configure_gradient_clipping" in str(w.message)]
+    assert len(doubled) == (1 if method == "norm" else 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(callbacks=[GradientClipping("norm")]).fit(TinyModule(), loader())
+    assert not [w for w in caught if "configure_gradient_clipping" in str(w.message)]
+
+
 class SparseEmbeddingModule(TinyModule):
     """TinyModule behind an ``Embedding(sparse=True)`` offset, whose weight is trained by its own optimizer
     (``SparseAdam``) in manual optimization, or by SGD alongside the rest."""
