@@ -307,11 +307,11 @@ class Clipper:
         ``histogram`` adds per-layer gradient histograms to a record (with ``stats``). Runs under ``no_grad``."""
         if self.params is None:
             raise RuntimeError("this Clipper was released (its fit ended); build a new one for new parameters")
+        self.last_nonfinite, self.last_spike = None, None
         layout = self.params.layout()
         if layout is None:
             return None
         self.steps += 1
-        self.last_nonfinite, self.last_spike = None, None
         if self.grad_scaler is not None and not self.fused:
             self.grad_scaler.unscale_(self._optimizer)  # the scaler's own pass, as it makes for unfused optimizers
         grads = layout.grads()
@@ -554,6 +554,7 @@ class Clipper:
         before = self.stats.before_clip(layout, grads) if record and self.stats else {}
         for p in layout.params:
             p.grad = None
+        self.policy.skipped()
         self.skipped_steps += 1
         self.consecutive_skips += 1
         if self.consecutive_skips > self.max_consecutive_skips:

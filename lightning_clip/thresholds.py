@@ -36,6 +36,9 @@ class ThresholdPolicy:
     def observe(self, layout: Layout, measured: Measured | None, applied: Applied, finite: Tensor | None) -> None:
         """Update state after clipping; ``finite`` is a 0-d bool tensor when the clipper checked for NaN/Inf."""
 
+    def skipped(self) -> None:
+        """A step the clipper skipped on the host, before its threshold was set (nothing is observed from it)."""
+
     def reported(self, threshold: Threshold) -> Threshold:
         """The threshold to record as ``clip/threshold`` (by default the one clipping used)."""
         return threshold
@@ -200,10 +203,10 @@ class FixedThreshold(ThresholdPolicy):
 
 
 class ScheduledThreshold(ThresholdPolicy):
-    """A threshold that follows a schedule over optimizer steps, computed on the host from the step count (no
-    device read): ``constant``; ``linear`` warmup from ``factor * value`` to ``value`` over ``steps``; ``cosine``
-    decay from ``value`` to ``factor * value`` over ``steps`` (Loshchilov & Hutter 2017's shape). After ``steps``
-    the end value holds."""
+    """A threshold that follows a schedule over optimizer steps (skipped ones included), computed on the host from
+    the step count (no device read): ``constant``; ``linear`` warmup from ``factor * value`` to ``value`` over
+    ``steps``; ``cosine`` decay from ``value`` to ``factor * value`` over ``steps`` (Loshchilov & Hutter 2017's
+    shape). After ``steps`` the end value holds."""
 
     SCHEDULES = ("constant", "linear", "cosine")
 
@@ -225,6 +228,11 @@ class ScheduledThreshold(ThresholdPolicy):
     def observe(self, layout, measured, applied, finite) -> None:
         self.step += 1
 
+    def skipped(self) -> None:
+        """A skipped step counts as any other, as a learning-rate scheduler counts it, and as the fused path counts
+        it (it skips on the device, where the host does not see it)."""
+        self.step += 1
+
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step}
 
@@ -234,8 +242,8 @@ class ScheduledThreshold(ThresholdPolicy):
 
 class DelayedThreshold(ScheduledThreshold):
     """No clipping (an infinite threshold) on the first ``delay - 1`` steps, then ``value``: clipping starts at step
-    ``delay`` (1-based), as SPAM's reference code starts at ``current_step >= grad_accu_steps``. Counted on the host
-    from steps taken, as :class:`ScheduledThreshold` counts (and saves) them."""
+    ``delay`` (1-based), as SPAM's reference code starts at ``current_step >= grad_accu_steps``. Counted on the host,
+    as :class:`ScheduledThreshold` counts (and saves) steps."""
 
     def __init__(self, value: float, delay: int) -> None:
         super().__init__(value)

@@ -167,6 +167,18 @@ def test_no_grads_is_a_no_op():
     assert clipper.steps == 0
 
 
+def test_a_step_without_gradients_after_a_skipped_one_reports_no_skip():
+    """What the last step skipped is this step's alone: a following step with no gradient at all (a branch the
+    batch did not use) must not report the earlier skip again (until 0.8.1 it did: the callback warned twice)."""
+    params = make_params(seed=9)
+    clipper = clipper_for("norm", params)
+    params[0].grad[0] = math.nan
+    clipper.step()
+    assert clipper.last_nonfinite == ["layer0.weight"] and clipper.skipped_this_step
+    clipper.step()  # the skip set every gradient to None
+    assert clipper.last_nonfinite is None and not clipper.skipped_this_step
+
+
 def test_state_dict_round_trip():
     params = make_params(seed=10)
     clipper = clipper_for("norm", params)
