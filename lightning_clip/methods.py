@@ -203,7 +203,9 @@ class _Scheduled(Method):
         "to it), `cosine` (decay from the threshold to `schedule_factor` x it)",
         str,
     )
-    schedule_steps: int = parameter(1000, _count, "steps the warmup or decay takes; the end value holds after", int)
+    schedule_steps: int = parameter(
+        1000, _count, "optimizer steps the warmup or decay takes (skipped ones count); the end value holds after", int
+    )
     schedule_factor: float = parameter(
         0.1, _positive, "start (linear) or end (cosine) of the schedule, as a fraction of the threshold (> 0)"
     )

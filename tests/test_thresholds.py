@@ -324,6 +324,24 @@ def test_scheduled_thresholds(schedule, expected):
     assert ours[5] == pytest.approx(expected[-1], rel=1e-5)  # the end value holds
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_skipped_step_counts_in_the_schedule_on_either_path(fused):
+    """A schedule counts every optimizer step, a skipped one too (as a learning-rate scheduler does): on the host
+    path, which skips before the threshold is set, and on the fused path, which skips on the device. Linear warmup
+    0.2 -> 2.0 over 4 steps, the second step skipped (NaN): the third is clipped at 1.1, the schedule's third value."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.AdamW([p], lr=0.0, fused=fused)
+    method = methods.Norm(max_norm=2.0, schedule="linear", schedule_steps=4)
+    clipper = Clipper(method, [("w", p)], optimizer=optimizer, nonfinite="skip")
+    assert clipper.fused == fused
+    for step in range(3):
+        p.grad = torch.full((4,), math.nan if step == 1 else 50.0)
+        record = clipper.step(record=True)
+        optimizer.step()
+    assert record.read().metrics()["clip/threshold"] == pytest.approx(1.1)
+    assert clipper.skipped_steps == 1
+
+
 def test_first_step_and_only_nonfinite_steps():
     ours, policy = run_global("autoclip", [math.inf, 5.0])
     assert ours[1] == pytest.approx(5.0, rel=1e-5)  # the history is its own norm: nothing to clip
