@@ -456,20 +456,23 @@ def _build_clipper(
 ) -> Clipper:
     """The engine for one optimizer (:func:`_named_params`)."""
     named, flat_shards = _named_params(trainer, pl_module, optimizer, callback.method)
-    return Clipper(
-        callback.method,
-        named,
-        flat_shards=flat_shards,
-        optimizer=optimizer,
-        nonfinite=callback.nonfinite,
-        max_consecutive_skips=callback.max_consecutive_skips,
-        scaler_checks_nonfinite=_scaler(trainer) is not None,
-        grad_scaler=_scaler(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None,
-        stats=stats,
-        skip_spikes=callback.skip_spikes,
-        spike_window=callback.spike_window,
-        track_max=callback.track_max,
-    )
+    try:
+        return Clipper(
+            callback.method,
+            named,
+            flat_shards=flat_shards,
+            optimizer=optimizer,
+            nonfinite=callback.nonfinite,
+            max_consecutive_skips=callback.max_consecutive_skips,
+            scaler_checks_nonfinite=_scaler(trainer) is not None,
+            grad_scaler=_scaler(trainer) if getattr(optimizer, "_step_supports_amp_scaling", False) else None,
+            stats=stats,
+            skip_spikes=callback.skip_spikes,
+            spike_window=callback.spike_window,
+            track_max=callback.track_max,
+        )
+    except ValueError as error:  # a parameter the method cannot clip
+        raise ClippingConfigError(f"GradientClipping(method={callback.method.name!r}): {error}") from None
 
 
 def _method(method: str | Method, given: dict[str, Any]) -> Method:

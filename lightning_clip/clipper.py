@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lightning_clip.methods import Method
 from lightning_clip.operators import NORM_EPS, Applied, GlobalNormClip, Measured, NoClip, Threshold, tensor_norms
-from lightning_clip.params import Layout, ParamSet
+from lightning_clip.params import Layout, ParamSet, matches_any
 from lightning_clip.sharding import FlatShard
 from lightning_clip.spikes import SpikeSkipper
 from lightning_clip.stats import LayerMaxima, LayerStats, parameter_norms
@@ -230,8 +230,8 @@ class Clipper:
         if skip_spikes is not None and (nonfinite != "skip" or scaler_checks_nonfinite):
             raise ValueError("skip_spikes needs nonfinite='skip' and no GradScaler (it owns the skip under fp16)")
         self.method = method
-        self._hold(_named(named_params), flat_shards)
         self.policy, self.operator = method.build()
+        self._hold(_named(named_params), flat_shards)
         measures = isinstance(self.operator, GlobalNormClip) or (
             isinstance(self.operator, NoClip) and nonfinite != "ignore"
         )
@@ -591,8 +591,10 @@ class Clipper:
         self._hold(pairs, flat_shards)
 
     def _hold(self, pairs: list[tuple[str, Tensor]], flat_shards: Mapping[int, FlatShard] | None) -> None:
-        """Take these ``(name, parameter)`` pairs: their names (kept after :meth:`release`) and their
-        :class:`ParamSet`."""
+        """Take these ``(name, parameter)`` pairs, once the operator has checked those it clips: their names (kept
+        after :meth:`release`) and their :class:`ParamSet`."""
+        clipped = [(name, p) for name, p in pairs if not matches_any(name, self.method.exclude)]
+        self.operator.check([name for name, _ in clipped], [p for _, p in clipped])
         self.names = [name for name, _ in pairs]
         self.params: ParamSet | None = ParamSet(self.names, [p for _, p in pairs], flat_shards, self.method.exclude)
 

@@ -345,6 +345,9 @@ class ClipOperator:
     def bind(self, optimizer: Any) -> None:
         """Give the operator the optimizer whose gradients it clips (for those that read its state)."""
 
+    def check(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        """Refuse, before any step, a parameter this operator cannot clip (``names``: those it clips)."""
+
     def measure(self, layout: Layout, grads: list[Tensor]) -> Measured:
         norms = tensor_norms(layout, grads, self.norm_type)
         overall = total_norm(norms, self.norm_type)
@@ -420,6 +423,15 @@ class ValueClip(ClipOperator):
     norm_type = math.inf
     measures_always = False
     clips_while_measuring = True
+
+    def check(self, names, params) -> None:
+        for name, p in zip(names, params):
+            if p.is_complex():
+                raise ValueError(
+                    f"parameter {name!r} is complex, and value clipping clamps each element to [-clip_value, "
+                    "clip_value], an order complex numbers do not have (torch.nn.utils.clip_grad_value_ refuses "
+                    "them too): clip it by norm ('norm', 'tensor_norm'), or exclude it"
+                )
 
     @staticmethod
     def _plan(layout: Layout, run: slice, tensors: Sequence[Tensor]) -> kernels.Plan | None:

@@ -554,6 +554,21 @@ def test_two_callbacks_clipping_one_optimizer_warn_once_before_training(first, s
     assert len([w for w in caught if "both clip" in str(w.message)]) == 1
 
 
+def test_value_on_a_complex_parameter_is_refused_before_training():
+    class WithPhase(TinyModule):
+        def __init__(self):
+            super().__init__()
+            self.phase = torch.nn.Parameter(torch.ones(3, dtype=torch.complex64))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.phase.abs().sum() * 0
+
+    probe = GradProbe()
+    with pytest.raises(ClippingConfigError, match=r"method='value'\): parameter 'phase' is complex"):
+        trainer(callbacks=[GradientClipping("value", clip_value=0.1), probe]).fit(WithPhase(), loader())
+    assert probe.norms == []  # no step was taken
+
+
 def test_optimizer_index_out_of_range_is_refused_before_training():
     with pytest.raises(ClippingConfigError, match=r"optimizers=\[2\] is invalid: the module has 2 optimizer"):
         trainer([GradientClipping("norm", optimizers=2)]).fit(TwoOptimizerModule(), loader())

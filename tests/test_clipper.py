@@ -100,6 +100,24 @@ def test_nonfinite_parameters_stop_at_once_and_are_named(nonfinite):
     assert reads.count == finite_params.count
 
 
+def test_value_refuses_complex_parameters_when_built_and_norms_take_their_modulus():
+    """Complex numbers have no order to clamp in (``clip_grad_value_`` raises at the step): refused when the
+    clipper is built, naming the parameter, unless it is excluded; norm clipping takes the modulus, as torch's."""
+    params = make_params(seed=13)
+    params[2] = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    params[2].grad = torch.randn(4, 3, dtype=torch.complex64) * 10
+    with pytest.raises(ValueError, match=r"parameter 'layer2.weight' is complex.*'norm', 'tensor_norm'"):
+        clipper_for("value", params, clip_value=0.1)
+    clipper_for("value", params, clip_value=0.1, exclude=["layer2.weight"]).step()
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, p in zip(reference, params):
+        r.grad = p.grad.clone()
+    clipper_for("norm", params, max_norm=1.0).step()
+    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
 def test_consecutive_skips_raise_after_limit_and_reset_on_finite_step():
     params = make_params(seed=5)
     clipper = clipper_for("norm", params)
