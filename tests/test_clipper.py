@@ -100,22 +100,38 @@ def test_nonfinite_parameters_stop_at_once_and_are_named(nonfinite):
     assert reads.count == finite_params.count
 
 
-def test_value_refuses_complex_parameters_when_built_and_norms_take_their_modulus():
-    """Complex numbers have no order to clamp in (``clip_grad_value_`` raises at the step): refused when the
-    clipper is built, naming the parameter, unless it is excluded; norm clipping takes the modulus, as torch's."""
+@pytest.mark.parametrize("method", ["value", "spam"])
+def test_elementwise_methods_refuse_complex_parameters_when_built(method):
+    """Complex numbers have no order to hold an element to a bound in (``clip_grad_value_`` raises at the step):
+    refused when the clipper is built, naming the parameter, unless it is excluded."""
     params = make_params(seed=13)
     params[2] = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
     params[2].grad = torch.randn(4, 3, dtype=torch.complex64) * 10
+    kwargs = {"clip_value": 0.1} if method == "value" else {}
+    optimizer = torch.optim.Adam(params, lr=0.1)
     with pytest.raises(ValueError, match=r"parameter 'layer2.weight' is complex.*'norm', 'tensor_norm'"):
-        clipper_for("value", params, clip_value=0.1)
-    clipper_for("value", params, clip_value=0.1, exclude=["layer2.weight"]).step()
+        Clipper(methods.from_arguments(method, kwargs), named(params), optimizer=optimizer)
+    excluded = methods.from_arguments(method, {**kwargs, "exclude": ["layer2.weight"]})
+    Clipper(excluded, named(params), optimizer=optimizer).step()
+
+
+@pytest.mark.parametrize(("method", "norm_type"), [("norm", 2.0), ("norm", math.inf), ("tensor_norm", math.inf)])
+def test_complex_gradients_clip_by_their_moduli_as_torch_does(method, norm_type):
+    """Norm clipping of complex gradients (small ones stacked, large ones alone) against ``clip_grad_norm_``, which
+    takes the moduli; a tensor's inf-norm is its largest modulus."""
+    shapes = [(8, 8), (8, 8), (5,), (100, 100)]
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.complex64)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=torch.complex64) * 10
     reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
     for r, p in zip(reference, params):
         r.grad = p.grad.clone()
-    clipper_for("norm", params, max_norm=1.0).step()
-    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    record = clipper_for(method, params, max_norm=1.0, norm_type=norm_type).step(record=True)
+    for group in [reference] if method == "norm" else [[r] for r in reference]:
+        torch.nn.utils.clip_grad_norm_(group, 1.0, norm_type=norm_type)
     for p, r in zip(params, reference):
         torch.testing.assert_close(p.grad, r.grad)
+    assert record.grad_norms.dtype == torch.float32
 
 
 def test_consecutive_skips_raise_after_limit_and_reset_on_finite_step():
