@@ -10,6 +10,7 @@ removed. Layouts are cached: the per-step work is one Python list of gradients, 
 from __future__ import annotations
 
 import fnmatch
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,11 @@ class Layout:
         return len(self.params)
 
 
+#: How many layouts (sets of the tensors that hold a gradient) a :class:`ParamSet` keeps, the least recently used
+#: dropped first. A model whose every tensor has a gradient on every step has one.
+LAYOUTS_KEPT = 16
+
+
 class ParamSet:
     """The named parameters of one optimizer, and the cached layouts of those that hold gradients this step.
 
@@ -191,13 +197,17 @@ class ParamSet:
             shard.flat_param if (shard := self.flat_shards.get(id(p))) is not None else p for p in self.params
         ]
         self.exclude = tuple(exclude)
-        self._layouts: dict[tuple[int, ...], Layout] = {}
+        self._layouts: OrderedDict[tuple[int, ...], Layout] = OrderedDict()  # most recently used last
 
     def layout(self) -> Layout | None:
-        """The layout of the parameters that hold a gradient now, or ``None`` when none does."""
+        """The layout of the parameters that hold a gradient now, or ``None`` when none does. The last
+        :data:`LAYOUTS_KEPT` layouts are kept with what they cache, so that a model whose tensors come and go (experts
+        that get no token, layers dropped at random) keeps its host memory bounded."""
         missing = tuple(i for i, holder in enumerate(self._grad_holders) if holder.grad is None)
         layout = self._layouts.get(missing)
-        if layout is None:
+        if layout is not None:
+            self._layouts.move_to_end(missing)
+        else:
             skipped = set(missing)
             present = [i for i in range(len(self.params)) if i not in skipped]
             if not present:
@@ -210,6 +220,8 @@ class ParamSet:
                 self.exclude,
             )
             self._layouts[missing] = layout
+            if len(self._layouts) > LAYOUTS_KEPT:
+                self._layouts.popitem(last=False)
         return layout
 
     def unmatched(self, patterns: Iterable[str]) -> list[str]:

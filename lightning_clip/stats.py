@@ -63,6 +63,7 @@ class LayerIndex:
     layer_of: Tensor
     position_list: list[int]
     every: bool
+    maxima_slots: tuple[Tensor | None] | None = None  # where LayerMaxima keeps these layers, once it knows
 
     @classmethod
     def build(cls, layout: Layout, grouping: LayerGrouping, device: torch.device) -> LayerIndex:
@@ -103,16 +104,15 @@ class LayerMaxima:
     def __init__(self) -> None:
         self.slots: dict[str, int] = {}  # layer name -> its position in ``values``
         self.values: Tensor | None = None  # NaN for a layer not seen since the last record
-        self._positions: dict[int, tuple[LayerIndex, Tensor | None]] = {}
 
     def _of(self, index: LayerIndex, device: torch.device) -> Tensor | None:
-        """Where ``index``'s layers sit in ``values`` (``None`` when at its start, in order: no scatter, no gather)."""
-        known = self._positions.get(id(index))  # the index is kept with its positions, so its id stays its own
-        if known is None:
+        """Where ``index``'s layers sit in ``values`` (``None`` when at its start, in order: no scatter, no gather),
+        kept on the index (one index, one layout, one clipper: one LayerMaxima)."""
+        if index.maxima_slots is None:
             slots = [self.slots.setdefault(layer, len(self.slots)) for layer in index.layers]
             in_order = slots == list(range(len(slots)))
-            known = self._positions[id(index)] = (index, None if in_order else torch.tensor(slots, device=device))
-        return known[1]
+            index.maxima_slots = (None if in_order else torch.tensor(slots, device=device),)
+        return index.maxima_slots[0]
 
     def add(self, index: LayerIndex, layer_norms: Tensor) -> None:
         """One step's per-layer norms (in ``index.layers`` order)."""

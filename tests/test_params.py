@@ -1,7 +1,14 @@
+import gc
+import random
+import tracemalloc
+
 import pytest
 import torch
 
-from lightning_clip.params import ParamSet, clean_name, matches_any, name_params, optimizer_params
+from lightning_clip import methods
+from lightning_clip.clipper import Clipper
+from lightning_clip.params import LAYOUTS_KEPT, ParamSet, clean_name, matches_any, name_params, optimizer_params
+from lightning_clip.stats import LayerGrouping, LayerStats
 
 
 def test_clean_name_drops_wrapper_components():
@@ -52,3 +59,35 @@ def test_a_sparse_gradient_is_refused_naming_its_parameter():
     params = ParamSet(["dense", "embedding.weight"], [dense, embedding.weight])
     with pytest.raises(ValueError, match=r"'embedding.weight' has a torch.sparse_coo gradient"):
         params.layout()
+
+
+def test_host_memory_stays_bounded_when_tensors_come_and_go():
+    """Experts that get no token on a step, layers dropped at random: each set of tensors with gradients is a layout,
+    with what it caches. The last ``LAYOUTS_KEPT`` are kept, so 600 steps of new sets hold no more host memory than
+    the first 100 did (until 0.8.1 every set was kept: about 8 kB each here, growing without bound), and the
+    clipping state, kept per tensor, carries across them."""
+    gen = random.Random(0)
+    params = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(24)]
+    names = [f"experts.{i}.weight" for i in range(24)]
+    stats = LayerStats(LayerGrouping())
+    clipper = Clipper(methods.AdaGC(warmup_update_ratio=0.0), zip(names, params), stats=stats, skip_spikes=6.0)
+
+    def steps(count):
+        for step in range(count):
+            for p in params:
+                p.grad = torch.randn_like(p) if gen.random() < 0.7 else None
+            clipper.step(record=step % 25 == 0)
+
+    steps(100)
+    gc.collect()
+    tracemalloc.start()
+    steps(100)
+    gc.collect()
+    early, _ = tracemalloc.get_traced_memory()
+    steps(500)
+    gc.collect()
+    late, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert len(clipper.params._layouts) == LAYOUTS_KEPT
+    assert late < early + 100_000
+    assert torch.isfinite(clipper.policy.gamma).all() and clipper.policy.gamma.numel() == 24
