@@ -508,8 +508,7 @@ class Clipper:
         """Name the tensors whose gradients, and those whose parameters, hold NaN/Inf (per full tensor, after the
         collective; one read, on this step only), then raise or skip. Non-finite parameters end training at once:
         every later gradient is non-finite too, so skipping steps would only wait for ``max_consecutive_skips``."""
-        param_norms = tensor_norms(layout, layout.local_params(), 2.0).to(measured.norms)
-        flags = (~torch.isfinite(torch.stack([measured.norms, param_norms]))).tolist()
+        flags = (~torch.isfinite(torch.stack([measured.norms, parameter_norms(layout, measured.norms)]))).tolist()
         bad, broken = ([name for name, flag in zip(layout.names, row) if flag] for row in flags)
         if bad:
             listed = _listed(bad)
