@@ -59,7 +59,9 @@ def single_process(method, precision="32-true", nan_at_step=None):
 def assert_matches(result, method, precision="32-true", rtol=1e-5, atol=1e-6, nan_at_step=None):
     params, clipping = single_process(method, precision, nan_at_step)
     for name, value in result["params"].items():
-        torch.testing.assert_close(value, params[name].detach(), rtol=rtol, atol=atol, msg=f"{method} {name}")
+        # Lightning 2.4's FSDP1 under bf16-true keeps float32 parameters (2.6 casts the module to bfloat16 first)
+        expected = params[name].detach()
+        torch.testing.assert_close(value.to(expected.dtype), expected, rtol=rtol, atol=atol, msg=f"{method} {name}")
     for key, value in clipping.last_metrics.items():
         if key.startswith(("grad/", "grad_norm/", "param_norm/", "grad_ratio/", "clip/threshold", "update")):
             assert result["metrics"][key] == pytest.approx(value, rel=rtol * 10, abs=atol), (method, key)
