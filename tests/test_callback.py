@@ -498,6 +498,7 @@ def test_one_callback_over_five_fits_clips_exactly_keeps_no_model_and_defines_ea
     models = []
     for k in range(5):
         model = TinyModule(seed=k)
+        (tmp_path / f"run{k}").mkdir()  # wandb 0.19.0 writes to a temporary directory when save_dir does not exist
         logger = WandbLogger(project="tests", save_dir=str(tmp_path / f"run{k}"), offline=True)
         trainer([clipping], logger=logger, log_every_n_steps=2).fit(model, loader())
         logger.experiment.finish()
