@@ -22,7 +22,7 @@ from lightning_clip.methods import (
     ZClip,
 )
 
-__version__ = "0.8.1"
+__version__ = "0.8.2"
 
 __all__ = [
     "AGC",

@@ -1,7 +1,8 @@
 """Spike skipping: a step whose global gradient norm jumps far above the run's recent level changes nothing.
 
 As OLMo-core's ``SkipStepOptimizer`` (``src/olmo_core/optim/skip_step_optimizer.py``) does for the loss and the
-gradient norm, a step is judged against a rolling window of the last ``window`` finite norms, on the device. The
+gradient norm, a step is judged against a rolling window of the last ``window`` finite norms (0 excepted), on the
+device. The
 choices here, and why:
 
 - one-sided: a step is a spike when its norm exceeds ``mean + k * std`` of the window (OLMo-core tests the absolute
@@ -81,12 +82,14 @@ class SpikeSkipper:
         return (n >= self.min_samples) & (total > mean + self.k * var.sqrt())
 
     def observe(self, total: Tensor, norms: Tensor, finite: Tensor, levels: Tensor) -> Tensor:
-        """Enter a finite step's norm into the window; the new levels of its tensors (``levels``: from before, NaN
-        where not seen yet), each an EMA of the tensor's norm."""
+        """Enter a finite step's norm into the window, unless it is 0 (gradients all 0 say nothing of the norms'
+        level, and a window of zeros would skip the first steps that learn); the new levels of its tensors
+        (``levels``: from before, NaN where not seen yet), each an EMA of the tensor's norm."""
         self._on(total)
         slot = (self.count % self.window).reshape(1)
-        self.history = torch.where(finite, self.history.index_put((slot,), total.reshape(1)), self.history)
-        self.count = self.count + finite.long()
+        enters = finite & (total > 0)
+        self.history = torch.where(enters, self.history.index_put((slot,), total.reshape(1)), self.history)
+        self.count = self.count + enters.long()
         updated = torch.where(torch.isnan(levels), norms, self.level_beta * levels + (1 - self.level_beta) * norms)
         return torch.where(finite, updated, levels)
 

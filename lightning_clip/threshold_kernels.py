@@ -157,8 +157,8 @@ if triton is not None:
 
     @triton.jit
     def _usable(total, finite, HAS_FINITE: tl.constexpr):
-        """``thresholds._usable``: the norm is finite, and so says the clipper."""
-        usable = tl.abs(total) < float("inf")  # False for NaN too
+        """``thresholds._usable``: the norm is finite and not 0, and the clipper says finite."""
+        usable = (tl.abs(total) < float("inf")) & (total > 0)  # False for NaN too
         if HAS_FINITE:
             usable = usable & (tl.load(finite) != 0)
         return usable
@@ -286,7 +286,7 @@ if triton is not None:
             clipped = norm * factor
             ema = tl.where(tl.abs(previous) == float("inf"), clipped, beta * previous + one_minus_beta * clipped)
             new = tl.where(warming, _min(previous, clipped), ema) if WARMUP_MINIMUM else ema
-            tl.store(gamma + slot, tl.where(usable, new, previous), mask=inside)
+            tl.store(gamma + slot, tl.where(usable, tl.where(norm > 0, new, previous), previous), mask=inside)
         tl.store(count_ptr, count + usable.to(tl.int64))
 
     @triton.jit
@@ -309,10 +309,11 @@ if triton is not None:
         centred = tl.where(filled, past - mean, 0.0)
         var = tl.div_rn(tl.sum(centred * centred, axis=0), held)
         tl.store(spike_ptr, (n >= min_samples) & (total > mean + k * tl.sqrt_rn(var)))
-        # SpikeSkipper.observe: a finite norm into its slot; every tensor's level, an EMA of its norm
-        written = tl.where(finite, count % window, -1)
+        # SpikeSkipper.observe: a finite norm other than 0 into its slot; every tensor's level, an EMA of its norm
+        enters = finite & (total > 0)
+        written = tl.where(enters, count % window, -1)
         tl.store(history + offsets, tl.where(offsets == written, total, past), mask=inside)
-        tl.store(count_ptr, count + finite.to(tl.int64))
+        tl.store(count_ptr, count + enters.to(tl.int64))
         for start in range(0, size, LEVEL_BLOCK):
             index = start + tl.arange(0, LEVEL_BLOCK)
             present = index < size

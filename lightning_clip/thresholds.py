@@ -5,7 +5,9 @@ measured, returns the threshold in force, and after the step observes the outcom
 
 Adaptive state lives in device tensors and is updated with tensor ops (``torch.where``), never read back to the
 host, and never from a non-finite step: every update is masked with ``isfinite`` of the measured norm, so an fp16
-overflow step that a GradScaler skips (or a NaN step under ``nonfinite="ignore"``) leaves the state as it was.
+overflow step that a GradScaler skips (or a NaN step under ``nonfinite="ignore"``) leaves the state as it was. Nor
+from a step whose gradients are all 0 (a tensor's, for AdaGC's per-tensor state), which says nothing of the norms'
+scale: the state would fall to 0 and clip every step after to nothing.
 
 On CUDA the adaptive policies (AutoClip, ZClip, AdaGC) take their whole step, threshold and state update, in one
 kernel (``threshold_kernels.py``), from ``threshold``; their ``observe`` then has nothing left to do. The PyTorch
@@ -187,8 +189,11 @@ def saved_copy(state: Tensor) -> Tensor:
 
 
 def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
-    """Whether this step may update adaptive state: its measured norm is finite (and the clipper agrees)."""
-    usable = torch.isfinite(measured.total)
+    """Whether this step may update adaptive state: its measured norm is finite (and the clipper agrees) and not 0.
+    Gradients that are all exactly 0 (a loss that does not yet depend on the parameters, a masked batch) say
+    nothing of the norms' scale; entered, they would set thresholds of 0, and every later step would be clipped to
+    nothing, since the statistics hold norms after clipping."""
+    usable = torch.isfinite(measured.total) & (measured.total > 0)
     return usable if finite is None else usable & finite.to(usable.device)
 
 
@@ -596,7 +601,7 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
         warming = self.count < self.warmup_steps
         ema = torch.where(torch.isinf(previous), clipped, self.beta * previous + (1 - self.beta) * clipped)
         new = torch.where(warming, torch.minimum(previous, clipped), ema) if self.warmup_minimum else ema
-        kept = torch.where(usable, new, previous)
+        kept = torch.where(usable & (measured.norms > 0), new, previous)  # a tensor's 0 as the global 0: no scale
         self.gamma = kept if index is None else gamma.index_put((index,), kept)
         self.count = self.count + usable.long()
 

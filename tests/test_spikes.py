@@ -222,3 +222,11 @@ def test_bf16_mixed_skips_spikes():
     clipping = GradientClipping("norm", max_norm=1e6, skip_spikes=6.0, spike_window=40)
     trainer([clipping], max_epochs=10, precision="bf16-mixed").fit(SpikyModule(spike_at=[30]), loader())
     assert clipping.clippers[0].spike_skipped_steps == 1
+
+
+def test_zero_norms_never_enter_the_window():
+    """A stretch of gradients that are all 0 says nothing of the norms' level: entered, a window of zeros (mean and
+    spread 0) would skip the first steps that learn as spikes."""
+    norms = [0.0] * 80 + noisy(60, seed=5)
+    skipped, clipper = drive(norms)
+    assert not any(skipped) and int(clipper.spikes.count) == 60

@@ -452,3 +452,61 @@ def test_adagc_after_a_quiet_start_clips_to_the_warmup_scale_only_with_the_paper
         param.grad = torch.full((4,), (0.05 if step < 30 else 1.0) / 2.0)  # norm 0.05, then 1.0
         clipper.step()
     assert float(param.grad.norm()) == pytest.approx(kept, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("autoclip", {}),
+        ("autoclip", {"percentile": 50.0, "clipped_history": True}),
+        ("zclip", {"warmup_steps": 4}),
+        ("zclip", {"warmup_steps": 4, "clipped_warmup": True}),
+        ("adagc", {"warmup_steps": 4, "lambda_abs": 2.0}),
+        ("adagc", {"warmup_steps": 4, "lambda_abs": 2.0, "warmup_threshold": "min"}),
+    ],
+)
+def test_steps_whose_gradients_are_all_zero_change_no_state(method, params):
+    """Gradients that are all exactly 0 (a loss that does not depend on the parameters yet, a masked batch) say
+    nothing of the norms' scale. Entered, they set thresholds of 0 (ZClip's mean and spread, AutoClip's percentile,
+    AdaGC's minimum or EMA), and since the statistics then hold clipped norms of 0, every later step was clipped to
+    nothing: training stopped for good, silently. The same norms with and without 30 zero steps before and 5 within
+    give the same clipped norms and the same state."""
+    if method == "adagc":
+        params = {**params, "warmup_update_ratio": 0.0}
+    norms = NORMS + NORMS
+    zeros = [0.0] * 30 + norms[:10] + [0.0] * 5 + norms[10:]
+    plain, plain_policy = run_global(method, norms, **params)
+    with_zeros, policy = run_global(method, zeros, **params)
+    assert [n for n in with_zeros if n > 0] == pytest.approx(plain, rel=1e-6)
+    assert len([n for n in with_zeros if n > 0]) == len(norms)
+    for key, value in plain_policy.state_dict().items():
+        torch.testing.assert_close(policy.state_dict()[key], value, equal_nan=True, msg=key)
+
+
+@pytest.mark.parametrize("method", ["autoclip", "zclip", "adagc"])
+def test_the_defaults_clip_the_first_steps_that_learn_after_zero_gradients_to_a_useful_scale(method):
+    """With the defaults (the warmup guard, statistics of clipped norms) after 40 steps of zero gradients: the steps
+    after are clipped at most to the guard's scale, never to 0."""
+    p = torch.nn.Parameter(torch.ones(16))
+    clipper = Clipper(methods.from_arguments(method, {}), [("w", p)], optimizer=torch.optim.SGD([p], lr=1e-3))
+    after = []
+    for step in range(140):
+        p.grad = torch.zeros(16) if step < 40 else torch.full((16,), 0.25)  # L2 norm 1, the guard's 1e-3 x 4 / 1e-3
+        clipper.step()
+        if step >= 40:
+            after.append(float(p.grad.norm()))
+    assert min(after) > 0.9
+
+
+def test_adagc_starts_a_tensor_whose_gradient_was_zero_through_the_warmup_at_its_first_norm():
+    """A tensor whose gradient is exactly 0 while others' are not (a branch not used yet) is treated as one without a
+    gradient: its threshold stays unset, not 0, and starts from its first norm after the warmup, unclipped."""
+    used, unused = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    method = methods.AdaGC(warmup_steps=3, lambda_abs=10.0)
+    clipper = Clipper(method, [("used", used), ("unused", unused)], nonfinite="ignore")
+    for step in range(8):
+        used.grad = torch.full((4,), 0.5)
+        unused.grad = torch.zeros(4) if step < 6 else torch.full((4,), 1.5)  # norm 3
+        clipper.step()
+    assert float(unused.grad.norm()) == pytest.approx(3.0)  # its first norm at step 6, unclipped; then 3 < 1.05 x 3
+    assert clipper.policy.gamma[1].item() == pytest.approx(3.0)
