@@ -2,8 +2,7 @@
 
 As OLMo-core's ``SkipStepOptimizer`` (``src/olmo_core/optim/skip_step_optimizer.py``) does for the loss and the
 gradient norm, a step is judged against a rolling window of the last ``window`` finite norms (0 excepted), on the
-device. The
-choices here, and why:
+device. The choices here, and why:
 
 - one-sided: a step is a spike when its norm exceeds ``mean + k * std`` of the window (OLMo-core tests the absolute
   z-score); a sudden drop of the gradient norm does not make a harmful update;
@@ -30,7 +29,7 @@ from torch import Tensor
 
 from lightning_clip import threshold_kernels
 from lightning_clip.params import Layout
-from lightning_clip.thresholds import per_tensor_state, resized_ring, saved_copy
+from lightning_clip.thresholds import per_tensor_state, resized_ring, saved_copy, usable_step
 
 #: EMA smoothing of each tensor's norm level, for naming the tensor behind a spike.
 LEVEL_BETA = 0.9
@@ -87,7 +86,7 @@ class SpikeSkipper:
         (``levels``: from before, NaN where not seen yet), each an EMA of the tensor's norm."""
         self._on(total)
         slot = (self.count % self.window).reshape(1)
-        enters = finite & (total > 0)
+        enters = usable_step(total, finite)
         self.history = torch.where(enters, self.history.index_put((slot,), total.reshape(1)), self.history)
         self.count = self.count + enters.long()
         updated = torch.where(torch.isnan(levels), norms, self.level_beta * levels + (1 - self.level_beta) * norms)

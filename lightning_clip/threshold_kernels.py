@@ -157,7 +157,7 @@ if triton is not None:
 
     @triton.jit
     def _usable(total, finite, HAS_FINITE: tl.constexpr):
-        """``thresholds._usable``: the norm is finite and not 0, and the clipper says finite."""
+        """``thresholds.usable_step``: the norm is finite and not 0, and the clipper says finite."""
         usable = (tl.abs(total) < float("inf")) & (total > 0)  # False for NaN too
         if HAS_FINITE:
             usable = usable & (tl.load(finite) != 0)

@@ -188,13 +188,14 @@ def saved_copy(state: Tensor) -> Tensor:
     return state.detach().to("cpu", copy=True)
 
 
-def _usable(measured: Measured, finite: Tensor | None) -> Tensor:
-    """Whether this step may update adaptive state: its measured norm is finite (and the clipper agrees) and not 0.
-    Gradients that are all exactly 0 (a loss that does not yet depend on the parameters, a masked batch) say
-    nothing of the norms' scale; entered, they would set thresholds of 0, and every later step would be clipped to
-    nothing, since the statistics hold norms after clipping."""
-    usable = torch.isfinite(measured.total) & (measured.total > 0)
-    return usable if finite is None else usable & finite.to(usable.device)
+def usable_step(total: Tensor, finite: Tensor | None) -> Tensor:
+    """Whether a step with global norm ``total`` may update adaptive state (the policies' and the spike window's):
+    the norm is finite (and the clipper's ``finite`` agrees) and not 0. Gradients that are all exactly 0 (a loss
+    that does not yet depend on the parameters, a masked batch) say nothing of the norms' scale; entered, they
+    would set thresholds of 0, and every later step would be clipped to nothing, since the statistics hold norms
+    after clipping."""
+    entered = torch.isfinite(total) & (total > 0)
+    return entered if finite is None else entered & finite.to(entered.device)
 
 
 class FixedThreshold(ThresholdPolicy):
@@ -326,7 +327,7 @@ class AutoClipThreshold(ReadsLearningRate, ThresholdPolicy):
     def observe(self, layout, measured, applied, finite) -> None:
         if self._updated:
             return
-        usable = _usable(measured, finite)
+        usable = usable_step(measured.total, finite)
         norm = measured.total
         if self.clipped_history and self._threshold is not None:
             norm = torch.minimum(norm, self._threshold.to(norm))
@@ -455,7 +456,7 @@ class ZClipThreshold(ReadsLearningRate, ThresholdPolicy):
         if self._updated:
             return
         norm = measured.total
-        usable = _usable(measured, finite)
+        usable = usable_step(measured.total, finite)
         spike, limit = self._spike if self._spike is not None else self._spike_and_limit(norm)
         initialized = self.count >= self.warmup_steps
         # warmup: collect the raw norm; when the buffer is full, start the EMA from its mean and variance
@@ -594,7 +595,7 @@ class AdaGCThreshold(ReadsLearningRate, ThresholdPolicy):
     def observe(self, layout, measured, applied, finite) -> None:
         if self._updated:
             return
-        usable = _usable(measured, finite)
+        usable = usable_step(measured.total, finite)
         gamma, index = self._gamma(layout, measured.norms)
         clipped = measured.norms * applied.scale.to(measured.norms)
         previous = gamma if index is None else gamma[index]
