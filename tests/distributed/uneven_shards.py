@@ -8,6 +8,7 @@ a clip rate judged from rank 0's units alone would read lower. Writes the larges
 rates each rank recorded with those of one process, and what each rank raised when a NaN sits in rank 1's shard of a
 parameter, to the file given as the only argument."""
 
+import gc
 import math
 import os
 import sys
@@ -108,6 +109,10 @@ def worker(rank, path):
     dist.all_gather_object(messages, nonfinite_shard_message(params, steps[0], mesh))
     if rank == 0:
         torch.save({"differences": differences, "rates": rates, "nonfinite parameter": messages}, path)
+    # The device mesh holds the gloo process group: freed only at interpreter exit, its threads could still be
+    # joinable there and abort the process ("terminate called without an active exception", after all of the above).
+    del mesh
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
